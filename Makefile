@@ -1,0 +1,17 @@
+# The two commands of the README are `make demo` and `make test`; both set up .venv first.
+.PHONY: setup demo test test-fast bench
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/rlhf-ray pipeline --config configs/demo.yaml
+
+test: setup
+	.venv/bin/pytest tests
+
+test-fast: setup
+	.venv/bin/pytest -m "not integration" tests
+
+bench: setup
+	.venv/bin/python bench/tokenizer_throughput.py

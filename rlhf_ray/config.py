@@ -1,0 +1,422 @@
+"""One typed config per run: every stage's settings, loaded from YAML and validated.
+
+Unknown keys are errors, every field is documented, and a bad value is reported with the YAML
+file, the line and the dotted field name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# GPT-4's split pattern, the one rustbpe and tiktoken's cl100k use.
+GPT4_SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+
+
+# Head sizes vLLM 0.32's CPU attention kernels accept (GPU kernels accept these too).
+VLLM_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names file, line and field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DemoDataConfig(Section):
+    """The generated demo world: facts about countries written as documents, chats, comparisons."""
+
+    seed: int = Field(0, description="Seed of every random choice in the generated data.")
+    num_countries: int | None = Field(
+        None, ge=10, description="Use only the first N countries of the built-in world (None: all)."
+    )
+    rl_fraction: float = Field(
+        0.2, gt=0, lt=0.5,
+        description="Fraction of countries kept out of SFT and reward data and used for RL prompts.",
+    )
+    eval_fraction: float = Field(
+        0.2, gt=0, lt=0.5,
+        description="Fraction of countries held out of SFT, reward and RL data, used only to evaluate.",
+    )
+    documents_per_country: int = Field(
+        6, ge=1, description="Pretraining documents per country (articles, FAQ pages, quiz sheets)."
+    )
+    conversations_per_country: int = Field(
+        10, ge=1, description="SFT conversations per SFT country."
+    )
+    comparisons_per_country: int = Field(
+        10, ge=1, description="Reward-model comparisons per country."
+    )
+    prompts_per_country: int = Field(8, ge=1, description="RL prompts per RL/eval country.")
+
+
+class DataConfig(Section):
+    """Where each stage's records come from. Formats: see README, 'Record formats'."""
+
+    demo: DemoDataConfig | None = Field(
+        default_factory=DemoDataConfig,
+        description="Generate the demo data into <run>/data/ and use it for every stage left empty "
+        "below. Set to null to use only your own files.",
+    )
+    pretrain: list[Path] = Field(
+        default_factory=list, description="Pretraining text: .txt files or .jsonl/.parquet with `text`."
+    )
+    sft: list[Path] = Field(default_factory=list, description="SFT conversations (.jsonl/.parquet).")
+    sft_eval: list[Path] = Field(default_factory=list, description="Held-out SFT conversations.")
+    reward: list[Path] = Field(default_factory=list, description="Comparisons for the reward model.")
+    reward_eval: list[Path] = Field(default_factory=list, description="Held-out comparisons.")
+    rl: list[Path] = Field(default_factory=list, description="RL prompts (`prompt`, `ground_truth`).")
+    rl_eval: list[Path] = Field(default_factory=list, description="Held-out RL prompts.")
+
+
+# --------------------------------------------------------------------------- tokenizer and model
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(
+        4096, ge=262, le=1 << 20,
+        description="Size of the trained vocabulary, the chat special tokens included.",
+    )
+    pattern: str = Field(GPT4_SPLIT_PATTERN, description="Regex that splits text before BPE.")
+    max_train_chars: int = Field(
+        200_000_000, ge=1, description="Train the BPE on at most this many characters of the corpus."
+    )
+    pretrained: Path | None = Field(
+        None,
+        description="Use the tokenizer of this Hugging Face folder instead of training one "
+        "(set together with model.pretrained).",
+    )
+
+
+class ModelConfig(Section):
+    """A Llama-architecture causal LM. Reward and value models add a scalar head to it."""
+
+    pretrained: Path | None = Field(
+        None,
+        description="Start from this Hugging Face model folder (Llama/Qwen family) instead of "
+        "pretraining one; the architecture fields below are then ignored.",
+    )
+    hidden_size: int = Field(256, ge=8, description="Width of the residual stream.")
+    num_layers: int = Field(4, ge=1, description="Number of transformer blocks.")
+    num_heads: int = Field(4, ge=1, description="Attention heads (query heads).")
+    num_kv_heads: int = Field(4, ge=1, description="Key/value heads (grouped-query attention).")
+    intermediate_size: int = Field(768, ge=8, description="Hidden width of the SwiGLU MLP.")
+    max_seq_len: int = Field(512, ge=16, description="Context length in tokens.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+    tie_word_embeddings: bool = Field(
+        True, description="Share the input embedding and the output head (saves parameters)."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
+            )
+        head_size = self.hidden_size // self.num_heads
+        if head_size not in VLLM_HEAD_SIZES:
+            raise ValueError(
+                f"the head size hidden_size/num_heads = {head_size} is not one vLLM's attention "
+                f"supports on every device; use one of {VLLM_HEAD_SIZES}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- training stages
+
+
+class Resources(Section):
+    """Ray Train workers for one stage (or one actor role in PPO)."""
+
+    num_workers: int = Field(1, ge=1, description="Data-parallel workers.")
+    use_gpu: bool = Field(False, description="Give each worker a GPU (NCCL; bf16 autocast).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+
+
+class Optim(Section):
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of the peak.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps, then cosine decay.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on matrices.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
+
+
+class TrainStage(Section):
+    """Settings shared by pretraining, SFT and reward-model training."""
+
+    steps: int = Field(100, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(
+        32, ge=1, description="Sequences (or comparison pairs) per optimizer step, all workers together."
+    )
+    micro_batch_size: int = Field(
+        8, ge=1, description="Sequences per forward pass per worker; the rest is gradient accumulation."
+    )
+    eval_every: int = Field(50, ge=1, description="Evaluate on held-out data every N steps.")
+    checkpoint_every: int = Field(50, ge=1, description="Save resumable state every N steps.")
+    optim: Optim = Field(default_factory=Optim, description="Optimizer and schedule.")
+    resources: Resources = Field(default_factory=Resources, description="Ray Train workers.")
+    max_failures: int = Field(
+        2, ge=0, description="Restarts from the last checkpoint after a worker dies."
+    )
+
+
+class PretrainConfig(TrainStage):
+    seq_len: int = Field(256, ge=8, description="Tokens per training sequence.")
+    fsdp: bool = Field(False, description="Shard with FSDP instead of DDP (GPUs only).")
+
+
+class SFTConfig(TrainStage):
+    packing: bool = Field(
+        False, description="Pack several conversations into one sequence instead of padding."
+    )
+
+
+class RewardConfig(TrainStage):
+    pass
+
+
+class PPOConfig(Section):
+    """PPO against the reward model (defaults close to OpenRLHF's)."""
+
+    steps: int = Field(20, ge=1, description="Rollout + update rounds.")
+    prompts_per_step: int = Field(32, ge=1, description="Prompts rolled out each step.")
+    samples_per_prompt: int = Field(
+        1, ge=1, description="Completions per prompt (the group size for GRPO/RLOO)."
+    )
+    max_new_tokens: int = Field(64, ge=1, description="Longest response generated.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of rollouts.")
+    estimator: Literal["gae", "grpo", "rloo"] = Field(
+        "gae", description="Advantage estimator: GAE with a value model, or a critic-free group baseline."
+    )
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
+    mini_batch_size: int = Field(16, ge=1, description="Sequences per PPO update.")
+    clip_ratio: float = Field(0.2, gt=0, description="PPO policy ratio clip.")
+    value_clip: float = Field(0.5, gt=0, description="Value-function clip around old values.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    kl_coef: float = Field(0.02, ge=0, description="Initial coefficient of the KL penalty.")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator.")
+    kl_target: float | None = Field(
+        None, gt=0, description="Adapt kl_coef toward this KL (None: fixed coefficient)."
+    )
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
+    reward_clip: float = Field(10.0, gt=0, description="Clip rewards to [-x, x].")
+    unfinished_penalty: float = Field(
+        0.0, description="Added to the reward of a response cut off at max_new_tokens."
+    )
+    policy_lr: float = Field(1e-5, gt=0, description="Policy learning rate.")
+    value_lr: float = Field(1e-5, gt=0, description="Value model learning rate.")
+    reward_source: Literal["model", "function", "http"] = Field(
+        "model", description="Score rollouts with the reward model, a Python function, or an HTTP scorer."
+    )
+    reward_function: str | None = Field(
+        None, description="'module:function' when reward_source is 'function'."
+    )
+    reward_url: str | None = Field(None, description="Scorer URL when reward_source is 'http'.")
+    num_rollout_engines: int = Field(1, ge=1, description="vLLM engines generating in parallel.")
+    vllm_memory_fraction: float = Field(
+        0.2, gt=0, lt=1,
+        description="vLLM's gpu_memory_utilization: on a CPU, the share of the NUMA node's memory "
+        "kept for the KV cache (0.2 works on an 8 GB node; 0.92 fails).",
+    )
+    eval_every: int = Field(5, ge=1, description="Evaluate on held-out prompts every N steps.")
+    checkpoint_every: int = Field(5, ge=1, description="Save resumable state every N steps.")
+
+    @model_validator(mode="after")
+    def _reward_source_named(self) -> PPOConfig:
+        if self.reward_source == "function" and not self.reward_function:
+            raise ValueError("reward_source 'function' needs reward_function ('module:function')")
+        if self.reward_source == "http" and not self.reward_url:
+            raise ValueError("reward_source 'http' needs reward_url")
+        return self
+
+
+# --------------------------------------------------------------------------- serving and cluster
+
+
+class ServeConfig(Section):
+    host: str = Field("127.0.0.1", description="HTTP address.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    stages: list[Literal["base", "sft", "rlhf", "reward"]] = Field(
+        default_factory=lambda: ["base", "sft", "rlhf", "reward"],
+        description="Stage models to serve (those whose folders exist).",
+    )
+    min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest replicas per stage.")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling: most replicas per stage.")
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="Autoscaling: requests per replica to aim for."
+    )
+    max_ongoing_requests: int = Field(16, ge=1, description="Requests a replica works on at once.")
+    max_queued_requests: int = Field(
+        64, ge=-1, description="Requests queued before answering 503 (-1: no limit)."
+    )
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica.")
+    api_key_env: str | None = Field(
+        None, description="Require `Authorization: Bearer <key>` with the key in this variable."
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
+    vllm_memory_fraction: float = Field(
+        0.1, gt=0, lt=1, description="vLLM gpu_memory_utilization per replica (CPU: see ppo)."
+    )
+
+
+class ClusterConfig(Section):
+    address: str | None = Field(
+        None, description="Ray cluster address ('auto', 'ray://host:10001'); None starts a local Ray."
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs of the embedded local Ray (None: all of this machine's)."
+    )
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class RunConfig(Section):
+    """Everything one run needs. Its outputs go to <runs_dir>/<name>/."""
+
+    name: str = Field(
+        "demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name: the output folder's name."
+    )
+    runs_dir: Path = Field(Path("runs"), description="Parent folder of all runs (local or shared).")
+    seed: int = Field(0, description="Seed for model init, data order and sampling.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Where Ray runs.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Record files per stage.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Stage 0.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Policy architecture.")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Stage 1.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Stage 2.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Stage 3a.")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="Stage 3b.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve endpoints.")
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / self.name
+
+    @model_validator(mode="after")
+    def _pretrained_pairs(self) -> RunConfig:
+        if self.model.pretrained and not self.tokenizer.pretrained:
+            self.tokenizer.pretrained = self.model.pretrained
+        if self.pretrain.seq_len > self.model.max_seq_len and not self.model.pretrained:
+            raise ValueError(
+                f"pretrain.seq_len ({self.pretrain.seq_len}) exceeds model.max_seq_len "
+                f"({self.model.max_seq_len})"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- YAML in and out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config; `overrides` are 'dotted.key=value' strings (value parsed as YAML)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 at byte {e.start}") from None
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}:1: the top level must be a mapping of sections, got {type(raw).__name__}")
+    lines = _line_numbers(node)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected 'dotted.key=value'")
+        _set_dotted(raw, key.strip().split("."), yaml.safe_load(value))
+        lines[tuple(key.strip().split("."))] = f"override {item!r}"
+    return validate_config(raw, source=str(path), lines=lines)
+
+
+def validate_config(
+    raw: dict[str, Any], source: str = "<config>", lines: dict[tuple[str, ...], Any] | None = None
+) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source, lines or {})) from None
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _describe(error: ValidationError, source: str, lines: dict[tuple[str, ...], Any]) -> str:
+    out = [f"{source}: {error.error_count()} invalid setting(s)"]
+    for err in error.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        field = ".".join(loc) or "(top level)"
+        where = _nearest_line(lines, loc)
+        prefix = f"{source}:{where}" if isinstance(where, int) else (where or source)
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown setting (check the spelling; see the README's config reference)"
+        got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+        out.append(f"  {prefix}: {field}: {message}{got}")
+    return "\n".join(out)
+
+
+def _nearest_line(lines: dict[tuple[str, ...], Any], loc: tuple[str, ...]) -> Any:
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return None
+
+
+def _line_numbers(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Map each dotted key path of a YAML document to its 1-based line."""
+    found: dict[tuple[str, ...], Any] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = prefix + (str(key.value),)
+            found[path] = key.start_mark.line + 1
+            found.update(_line_numbers(value, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            path = prefix + (str(i),)
+            found[path] = value.start_mark.line + 1
+            found.update(_line_numbers(value, path))
+    return found
+
+
+def _set_dotted(raw: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        child = raw.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override: {'.'.join(keys)}: {key} is not a section")
+        raw = child
+    raw[keys[-1]] = value

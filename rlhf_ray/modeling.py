@@ -1,0 +1,99 @@
+"""The model format: Hugging Face Llama-architecture folders (safetensors) that vLLM loads unchanged.
+
+Policies are causal LMs. Reward and value models are the same backbone with a scalar head
+(`AutoModelForSequenceClassification`, `num_labels=1`) whose score is read at the last non-pad
+token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
+
+from rlhf_ray.config import ModelConfig
+from rlhf_ray.storage import atomic_folder
+from rlhf_ray.tokenizer import ChatTokenizer
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def llama_config(cfg: ModelConfig, tokenizer: ChatTokenizer) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.stop_ids,
+        pad_token_id=tokenizer.pad_id,
+        torch_dtype="float32",
+    )
+
+
+def new_policy(cfg: ModelConfig, tokenizer: ChatTokenizer, seed: int = 0) -> LlamaForCausalLM:
+    """A freshly initialised causal LM for pretraining."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(cfg, tokenizer))
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_model_folder(folder: Path) -> None:
+    """Raise a clear error unless `folder` looks like a complete Hugging Face model folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: model folder not found")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder / 'config.json'}: corrupt: {e}") from None
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+
+
+def load_policy(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    check_model_folder(folder)
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+
+
+def load_scalar_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A reward/value model: a saved one, or a policy folder given a new scalar head."""
+    check_model_folder(folder)
+    config = AutoConfig.from_pretrained(str(folder))
+    config.num_labels = 1
+    if config.pad_token_id is None:
+        raise ValueError(f"{folder / 'config.json'}: pad_token_id is needed to find the last token")
+    return AutoModelForSequenceClassification.from_pretrained(str(folder), config=config, dtype=dtype)
+
+
+def save_model(model: PreTrainedModel, tokenizer: ChatTokenizer, dest: Path) -> None:
+    """Write model + tokenizer as one folder; it appears only once everything is written."""
+    with atomic_folder(Path(dest), replace=True) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save(tmp)
+        if model.can_generate():
+            GenerationConfig(
+                bos_token_id=tokenizer.bos_id,
+                eos_token_id=tokenizer.stop_ids,
+                pad_token_id=tokenizer.pad_id,
+            ).save_pretrained(str(tmp))

