@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("pipeline", "run every stage in order, skipping finished ones"),
         ("data", "write the demo data (if configured) and validate every record file"),
         ("tokenizer", "train (or adopt) the tokenizer"),
+        ("pretrain", "stage 1: pretrain base/ on Ray Train"),
+        ("sft", "stage 2: supervised finetuning base/ -> sft/ on Ray Train"),
+        ("reward", "stage 3a: reward model sft/ -> reward/ on Ray Train"),
         ("config", "print the resolved config"),
     ]:
         _add_config_args(commands.add_parser(name, help=help_text))
@@ -46,6 +49,13 @@ def run_command(command: str, cfg: RunConfig) -> None:
         pipeline.make_demo_data(cfg)
         pipeline.check_data(cfg, kinds=["pretrain"])
         pipeline.make_tokenizer(cfg)
+    elif command in ("pretrain", "sft", "reward"):
+        pipeline.prepare_run(cfg)
+        pipeline.make_demo_data(cfg)
+        pipeline.check_data(cfg)
+        if command == "pretrain":
+            pipeline.make_tokenizer(cfg)
+        pipeline.train_model(cfg, command)
     elif command == "pipeline":
         pipeline.run_pipeline(cfg)
 
@@ -55,11 +65,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
         run_command(args.command, cfg)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         if os.environ.get("RLHF_RAY_DEBUG"):
             raise
         print(f"rlhf-ray: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as e:  # a training run that failed on Ray: its workers' errors are in `e`
+        if os.environ.get("RLHF_RAY_DEBUG") or not type(e).__module__.startswith("ray"):
+            raise
+        print(f"rlhf-ray: {args.command} failed: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -313,6 +313,19 @@ class RunConfig(Section):
         return self.runs_dir / self.name
 
     @model_validator(mode="after")
+    def _absolute_paths(self) -> RunConfig:
+        """Relative paths are relative to where the command runs; Ray workers run elsewhere."""
+        self.runs_dir = _absolute(self.runs_dir)
+        for kind in DataConfig.model_fields:
+            if kind != "demo":
+                setattr(self.data, kind, [_absolute(p) for p in getattr(self.data, kind)])
+        if self.model.pretrained:
+            self.model.pretrained = _absolute(self.model.pretrained)
+        if self.tokenizer.pretrained:
+            self.tokenizer.pretrained = _absolute(self.tokenizer.pretrained)
+        return self
+
+    @model_validator(mode="after")
     def _pretrained_pairs(self) -> RunConfig:
         if self.model.pretrained and not self.tokenizer.pretrained:
             self.tokenizer.pretrained = self.model.pretrained
@@ -322,6 +335,10 @@ class RunConfig(Section):
                 f"({self.model.max_seq_len})"
             )
         return self
+
+
+def _absolute(path: Path) -> Path:
+    return path.expanduser().absolute()
 
 
 # --------------------------------------------------------------------------- YAML in and out

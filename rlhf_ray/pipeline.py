@@ -3,6 +3,10 @@
     runs/<name>/config.yaml   the resolved config
     runs/<name>/data/         generated demo records (when data.demo is set)
     runs/<name>/tokenizer/    stage 0
+    runs/<name>/data/tokens/  the pretraining corpus as token shards
+    runs/<name>/base/ sft/ reward/        stages 1, 2, 3a (Hugging Face folders)
+    runs/<name>/checkpoints/<stage>/      resumable Ray Train state
+    runs/<name>/metrics/<stage>.jsonl     one JSON object per step
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from rlhf_ray.cluster import connect
 from rlhf_ray.config import RunConfig, save_config
+from rlhf_ray.data.shards import write_shards
 from rlhf_ray.data.demo import write_demo_data
 from rlhf_ray.data.readers import RecordError, read_many
 from rlhf_ray.data.records import ChatRecord, ComparisonRecord, PromptRecord, TextRecord
@@ -119,6 +125,47 @@ def make_tokenizer(cfg: RunConfig) -> ChatTokenizer:
     return tokenizer
 
 
+def make_shards(cfg: RunConfig) -> None:
+    out = cfg.run_dir / "data" / "tokens"
+    if out.exists():
+        log("shards", f"{out} exists, skipped")
+        return
+    files = data_files(cfg)["pretrain"]
+    if not files:
+        raise ValueError("no pretraining text: set data.pretrain or data.demo, or start from "
+                         "model.pretrained")
+    start = time.perf_counter()
+    meta = write_shards(files, cfg.run_dir / "tokenizer", out)
+    splits = meta["splits"]
+    log("shards", f"{meta['documents']} documents -> {splits['train']['tokens']:,} train and "
+        f"{splits['val']['tokens']:,} val tokens ({meta['dtype']}) in {time.perf_counter() - start:.1f}s")
+
+
+def train_model(cfg: RunConfig, stage: str) -> None:
+    """Pretraining, SFT or reward training on Ray Train; skipped when its folder is complete."""
+    from rlhf_ray.train import stages
+
+    out = cfg.run_dir / {"pretrain": "base", "sft": "sft", "reward": "reward"}[stage]
+    if out.exists():
+        log(stage, f"{out} exists, skipped")
+        return
+    if stage == "pretrain" and cfg.model.pretrained is not None:
+        log(stage, f"starting from {cfg.model.pretrained}, no pretraining")
+        return
+    connect(cfg.cluster)
+    if stage == "pretrain":
+        make_shards(cfg)
+        task = stages.pretrain_task(cfg)
+    elif stage == "sft":
+        task = stages.sft_task(cfg, data_files(cfg))
+    else:
+        task = stages.reward_task(cfg, data_files(cfg))
+    start = time.perf_counter()
+    metrics = stages.train_stage(task, cfg)
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(("loss", "eval")))
+    log(stage, f"done in {time.perf_counter() - start:.0f}s ({summary}) -> {out}")
+
+
 def run_pipeline(cfg: RunConfig) -> Path:
     """Every stage that is built so far, in order."""
     run_dir = prepare_run(cfg)
@@ -126,4 +173,6 @@ def run_pipeline(cfg: RunConfig) -> Path:
     make_demo_data(cfg)
     check_data(cfg)
     make_tokenizer(cfg)
+    for stage in ("pretrain", "sft", "reward"):
+        train_model(cfg, stage)
     return run_dir

@@ -58,7 +58,9 @@ def read_records(path: Path | str, kind: type[R]) -> list[R]:
     records: list[R] = []
     for number, row in rows:
         try:
-            records.append(kind.model_validate(row))
+            record = kind.model_validate(row)
+            record._where = f"{path}:{number}"
+            records.append(record)
         except ValidationError as e:
             problems += _describe(e, f"{path}:{number}")
     if problems:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from itertools import combinations
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator, model_validator
 
 Role = Literal["system", "user", "assistant"]
 
@@ -88,6 +88,18 @@ class Record(BaseModel):
     """Base of the record kinds: unknown fields are errors."""
 
     model_config = ConfigDict(extra="forbid")
+    # Where the record was read ("file:line"), for errors found after validation (e.g. length).
+    _where: str = PrivateAttr(default="<memory>")
+
+    @property
+    def where(self) -> str:
+        return self._where
+
+    def __eq__(self, other: object) -> bool:
+        """Records are equal by content, wherever they were read."""
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 class TextRecord(Record):

@@ -369,3 +369,9 @@ def test_read_many_gathers_problems_of_all_files(tmp_path: Path):
     with pytest.raises(RecordError) as caught:
         read_many([bad, good, missing], TextRecord)
     assert caught.value.problems == [f"{bad}:1: text: empty document (got '')", f"{missing}: file not found"]
+
+
+def test_each_record_remembers_its_file_and_line(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    assert [r.where for r in read_records(path, TextRecord)] == [f"{path}:1", f"{path}:3"]

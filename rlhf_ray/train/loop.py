@@ -1,0 +1,230 @@
+"""The training loop shared by pretraining, SFT and reward modelling, in plain torch.
+
+It knows nothing of Ray: a `Worker` says who this process is and how to report and checkpoint,
+and a `Task` says what the model, the batches, the loss and the evaluation are. `ray_stage.py`
+runs it inside Ray Train; a benchmark or a test can run it alone.
+
+Batches are a pure function of (seed, step, rank), so the "data position" in a checkpoint is the
+step itself: a resumed run sees exactly the batches the lost steps would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+
+from rlhf_ray.config import TrainStage
+from rlhf_ray.train.flops import peak_flops
+from rlhf_ray.train.optim import lr_at, make_optimizer
+
+Batch = dict[str, torch.Tensor]
+
+
+class Task(Protocol):
+    """One training stage: what to train, on what, against which objective."""
+
+    name: str  # "pretrain", "sft" or "reward": names the metrics file and the checkpoints
+    stage: TrainStage
+
+    def build_model(self) -> torch.nn.Module: ...
+
+    def micro_batches(self, step: int, rank: int, world: int) -> list[Batch]:
+        """This worker's share of the global batch of `step`, split into micro-batches."""
+        ...
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, number of units it sums over); units are tokens, or comparisons."""
+        ...
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]: ...
+
+    def units(self, batch: Batch) -> int:
+        """How many loss units (tokens, comparisons) `batch` holds."""
+        ...
+
+    def flops_per_token(self, model: torch.nn.Module) -> float: ...
+
+    def export(self, model: torch.nn.Module) -> None:
+        """Write the final model as its Hugging Face folder."""
+        ...
+
+
+@dataclass
+class Worker:
+    """Who this process is, and how it reports. The defaults run a single process alone."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    metrics_path: Path | None = None
+    # report(metrics, checkpoint_dir or None): every worker calls it at the same steps.
+    report: Callable[[dict[str, Any], Path | None], None] = lambda metrics, checkpoint: None
+    # The folder of the checkpoint to resume from, if any.
+    resume_from: Callable[[], Any] = lambda: nullcontext(None)
+
+
+def train(task: Task, worker: Worker) -> dict[str, float]:
+    """Train `task.stage.steps` optimizer steps (resuming if a checkpoint exists); export on rank 0."""
+    stage = task.stage
+    model = task.build_model().to(worker.device)
+    optimizer = make_optimizer(model, stage.optim)
+    start_step = 0
+    with worker.resume_from() as checkpoint_dir:
+        if checkpoint_dir is not None:
+            start_step = load_checkpoint(Path(checkpoint_dir), model, optimizer)
+    if worker.rank == 0 and worker.metrics_path is not None:
+        keep_metrics_before(worker.metrics_path, start_step)
+        if start_step:
+            print(f"[{task.name}] resumed from the checkpoint of step {start_step}", flush=True)
+
+    distributed = dist.is_available() and dist.is_initialized() and worker.world_size > 1
+    trained = DistributedDataParallel(model) if distributed else model
+    use_bf16 = worker.device.type == "cuda"
+    peak = peak_flops(worker.device, torch.bfloat16 if use_bf16 else torch.float32) * worker.world_size
+    flops_per_token = task.flops_per_token(model)
+    last: dict[str, float] = {}
+
+    for step in range(start_step, stage.steps):
+        started = time.perf_counter()
+        lr = lr_at(step, stage.steps, stage.optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = task.micro_batches(step, worker.rank, worker.world_size)
+        units, tokens = global_units(task, trained, batches, worker)
+        loss_sum = torch.zeros((), device=worker.device)
+        trained.train()
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(worker.device) for k, v in batch.items()}
+            sync = nullcontext() if not distributed or i == len(batches) - 1 else trained.no_sync()
+            with sync, torch.autocast(worker.device.type, torch.bfloat16, enabled=use_bf16):
+                loss, _ = task.loss(trained, batch)
+                # DDP averages gradients over workers; scale so the result is the global mean.
+                (loss * worker.world_size / units).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if distributed:
+            dist.all_reduce(loss_sum)
+        seconds = time.perf_counter() - started
+        metrics = {
+            "step": step + 1,
+            "loss": loss_sum.item() / units,
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            "tokens_per_s": tokens / seconds,
+            "mfu": flops_per_token * tokens / seconds / peak,
+            "step_s": seconds,
+        }
+        last_step = step + 1 == stage.steps
+        if worker.rank == 0 and (metrics["step"] % stage.eval_every == 0 or last_step):
+            metrics.update(task.evaluate(model))
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"[{task.name}] step {step + 1}: the loss is {metrics['loss']}")
+        if worker.rank == 0:
+            append_metrics(worker.metrics_path, metrics)
+        if metrics["step"] % stage.checkpoint_every == 0 or last_step:
+            with checkpoint_dir_for(worker) as ckpt:
+                if ckpt is not None:
+                    save_checkpoint(ckpt, model, optimizer, step + 1)
+                worker.report(metrics, ckpt)
+        last = metrics
+    if worker.rank == 0:
+        task.export(model)
+    return last
+
+
+def global_units(task: Task, model: torch.nn.Module, batches: list[Batch], worker: Worker) -> tuple[float, int]:
+    """Loss units and tokens of this step over every worker (to normalise the summed loss)."""
+    counts = torch.tensor([sum(task.units(b) for b in batches),
+                           sum(real_tokens(b) for b in batches)], dtype=torch.float64)
+    if worker.world_size > 1 and dist.is_initialized():
+        counts = counts.to(worker.device)
+        dist.all_reduce(counts)
+    units, tokens = counts.tolist()
+    return max(units, 1.0), int(tokens)
+
+
+def real_tokens(batch: Batch) -> int:
+    """Tokens the model reads, padding excluded."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+@contextmanager
+def checkpoint_dir_for(worker: Worker) -> Iterator[Path | None]:
+    """A scratch folder for rank 0's checkpoint (None on other ranks); gone once reported."""
+    if worker.rank != 0:
+        yield None
+        return
+    folder = Path(tempfile.mkdtemp(prefix="rlhf-ray-ckpt-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(_untied(state), folder / "model.safetensors")
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    (folder / "state.json").write_text(json.dumps({"step": step}))
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore model and optimizer from `folder`; return the step it was taken after."""
+    try:
+        step = json.loads((folder / "state.json").read_text())["step"]
+        state = load_file(folder / "model.safetensors")
+        result = model.load_state_dict(state, strict=False)
+        loaded = {t.data_ptr() for name, t in model.state_dict().items() if name in state}
+        missing = [k for k in result.missing_keys if model.state_dict()[k].data_ptr() not in loaded]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"weights do not match the model: missing {missing}, "
+                             f"unexpected {result.unexpected_keys}")
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise RuntimeError(f"{folder}: cannot resume from this checkpoint: {e}") from e
+    return int(step)
+
+
+def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied embeddings): store each once."""
+    seen: dict[int, str] = {}
+    out = {}
+    for name, tensor in state.items():
+        key = tensor.data_ptr()
+        if key in seen:
+            continue
+        seen[key] = name
+        out[name] = tensor
+    return out
+
+
+def keep_metrics_before(path: Path, step: int) -> None:
+    """Drop metric lines after `step`: a resumed run writes those steps again, once."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def append_metrics(path: Path | None, metrics: dict[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(metrics) + "\n")

@@ -1,0 +1,105 @@
+"""Stages 1–3a on the driver: check and tokenize the inputs, then train on Ray Train.
+
+Every input problem (a missing folder, a sequence longer than the context, too few workers) is
+found here, before any worker starts; a stage's output folder appears only when it is complete.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from rlhf_ray.config import RunConfig
+from rlhf_ray.data.readers import RecordError, read_many
+from rlhf_ray.data.records import ChatRecord, ComparisonRecord
+from rlhf_ray.modeling import check_model_folder
+from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer
+from rlhf_ray.train.ray_stage import run_on_ray_train
+from rlhf_ray.train.tasks import ChatExample, PretrainTask, RewardTask, SFTTask
+
+
+def base_dir(cfg: RunConfig) -> Path:
+    """The model SFT starts from: the pretrained folder given, or this run's `base/`."""
+    return cfg.model.pretrained or cfg.run_dir / "base"
+
+
+def _too_long(where: str, what: str, length: int, limit: int) -> str:
+    return (f"{where}: {what} is {length} tokens, longer than model.max_seq_len = {limit}; "
+            "shorten or drop the record, or raise model.max_seq_len")
+
+
+def chat_examples(records: list[ChatRecord], tokenizer: ChatTokenizer, max_len: int) -> list[ChatExample]:
+    examples, problems = [], []
+    for record in records:
+        ids, mask = tokenizer.render_chat(record.messages)
+        if len(ids) > max_len:
+            problems.append(_too_long(record.where, "the conversation", len(ids), max_len))
+        examples.append(ChatExample(np.array(ids, dtype=np.int32), np.array(mask, dtype=np.int8)))
+    if problems:
+        raise RecordError(problems)
+    return examples
+
+
+def comparison_groups(records: list[ComparisonRecord], tokenizer: ChatTokenizer,
+                      max_len: int) -> list[list[np.ndarray]]:
+    """Per comparison, the prompt followed by each response, best first, as token ids."""
+    groups, problems = [], []
+    for record in records:
+        group = []
+        for rank, response in enumerate(record.responses):
+            ids, _ = tokenizer.render_chat(record.prompt + response)
+            if len(ids) > max_len:
+                problems.append(_too_long(record.where, f"responses[{rank}] with its prompt", len(ids), max_len))
+            group.append(np.array(ids, dtype=np.int32))
+        groups.append(group)
+    if problems:
+        raise RecordError(problems)
+    return groups
+
+
+def _require_model(folder: Path, stage: str, produced_by: str) -> None:
+    try:
+        check_model_folder(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise FileNotFoundError(f"{stage} starts from {folder}, which is not usable ({e}); "
+                                f"run {produced_by} first") from None
+
+
+def _records(files: dict[str, list[Path]], kind: str, record_type: type) -> list:
+    if not files[kind]:
+        raise ValueError(f"no {kind} records: set data.{kind} (or data.demo)")
+    return read_many(files[kind], record_type)
+
+
+def pretrain_task(cfg: RunConfig) -> PretrainTask:
+    task = PretrainTask(cfg, tokens_dir=cfg.run_dir / "data" / "tokens",
+                        tokenizer_dir=cfg.run_dir / "tokenizer", out_dir=cfg.run_dir / "base")
+    task.check_data()
+    return task
+
+
+def sft_task(cfg: RunConfig, files: dict[str, list[Path]]) -> SFTTask:
+    init = base_dir(cfg)
+    _require_model(init, "sft", "pretraining (rlhf-ray pretrain)")
+    tokenizer = load_tokenizer(init)
+    limit = cfg.model.max_seq_len
+    return SFTTask(cfg, chat_examples(_records(files, "sft", ChatRecord), tokenizer, limit),
+                   chat_examples(read_many(files["sft_eval"], ChatRecord), tokenizer, limit),
+                   init_dir=init, out_dir=cfg.run_dir / "sft")
+
+
+def reward_task(cfg: RunConfig, files: dict[str, list[Path]]) -> RewardTask:
+    init = cfg.run_dir / "sft"
+    _require_model(init, "reward", "SFT (rlhf-ray sft)")
+    tokenizer = load_tokenizer(init)
+    limit = cfg.model.max_seq_len
+    return RewardTask(cfg, comparison_groups(_records(files, "reward", ComparisonRecord), tokenizer, limit),
+                      comparison_groups(read_many(files["reward_eval"], ComparisonRecord), tokenizer, limit),
+                      init_dir=init, out_dir=cfg.run_dir / "reward")
+
+
+def train_stage(task: PretrainTask | SFTTask | RewardTask, cfg: RunConfig) -> dict:
+    return run_on_ray_train(task, storage=cfg.run_dir / "checkpoints",
+                            metrics_path=cfg.run_dir / "metrics" / f"{task.name}.jsonl",
+                            autoscaling=cfg.cluster.address is not None)
