@@ -12,6 +12,6 @@ def connect(cluster: ClusterConfig) -> None:
     if ray.is_initialized():
         return
     if cluster.address is None:
-        ray.init(num_cpus=cluster.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=cluster.num_cpus, log_to_driver=True)
     else:
         ray.init(address=cluster.address, log_to_driver=True)

@@ -176,6 +176,13 @@ class TrainStage(Section):
         2, ge=0, description="Restarts from the last checkpoint after a worker dies."
     )
 
+    @model_validator(mode="after")
+    def _batch_fits_workers(self) -> TrainStage:
+        if self.batch_size < self.resources.num_workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be at least resources.num_workers "
+                             f"({self.resources.num_workers}): every worker needs an example")
+        return self
+
 
 class PretrainConfig(TrainStage):
     seq_len: int = Field(256, ge=8, description="Tokens per training sequence.")
@@ -183,13 +190,11 @@ class PretrainConfig(TrainStage):
 
 
 class SFTConfig(TrainStage):
-    packing: bool = Field(
-        False, description="Pack several conversations into one sequence instead of padding."
-    )
+    """Conversations are padded per micro-batch; the loss covers the assistant's tokens only."""
 
 
 class RewardConfig(TrainStage):
-    pass
+    """batch_size and micro_batch_size count comparisons; all pairs of one go in the same batch."""
 
 
 class PPOConfig(Section):

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from rlhf_ray.config import RunConfig, save_config
 from rlhf_ray.data.shards import write_shards
 from rlhf_ray.data.demo import write_demo_data
 from rlhf_ray.data.readers import RecordError, read_many
-from rlhf_ray.data.records import ChatRecord, ComparisonRecord, PromptRecord, TextRecord
+from rlhf_ray.data.records import ChatRecord, ComparisonRecord, Message, PromptRecord, TextRecord
 from rlhf_ray.storage import atomic_folder
+from rlhf_ray.train import stages
 from rlhf_ray.tokenizer import BPETokenizer, ChatTokenizer, load_tokenizer, train_bpe
 
 RECORD_KINDS = {
@@ -143,8 +145,6 @@ def make_shards(cfg: RunConfig) -> None:
 
 def train_model(cfg: RunConfig, stage: str) -> None:
     """Pretraining, SFT or reward training on Ray Train; skipped when its folder is complete."""
-    from rlhf_ray.train import stages
-
     out = cfg.run_dir / {"pretrain": "base", "sft": "sft", "reward": "reward"}[stage]
     if out.exists():
         log(stage, f"{out} exists, skipped")
@@ -166,6 +166,36 @@ def train_model(cfg: RunConfig, stage: str) -> None:
     log(stage, f"done in {time.perf_counter() - start:.0f}s ({summary}) -> {out}")
 
 
+def report_models(cfg: RunConfig) -> dict:
+    """Show what base/ and sft/ do with the demo question; exact match of sft/ on held-out prompts."""
+    from rlhf_ray import evaluate
+
+    report: dict = {}
+    question = evaluate.DEMO_QUESTION
+    base, sft = stages.base_dir(cfg), cfg.run_dir / "sft"
+    if base.exists():
+        text = evaluate.continue_document(base, question)
+        report["base"] = {"question": question, "continuation": text}
+        log("eval", f"base continues the document {question!r} with: {text!r}")
+    if sft.exists():
+        reply = evaluate.chat_replies(sft, [[Message(role="user", content=question)]])[0]
+        report["sft"] = {"question": question, "reply": reply}
+        log("eval", f"sft answers {question!r} with: {reply!r}")
+        held_out = data_files(cfg)["rl_eval"]
+        if held_out:
+            result = evaluate.exact_match(sft, read_many(held_out, PromptRecord))
+            report["sft"]["held_out_exact_match"] = evaluate.as_dict(result)
+            log("eval", f"sft exact match on {result.count} held-out prompts: {result.rate:.0%}")
+    metrics = cfg.run_dir / "metrics" / "reward.jsonl"
+    if metrics.exists():
+        final = json.loads(metrics.read_text().splitlines()[-1])
+        if "eval_accuracy" in final:
+            report["reward"] = {"held_out_pairwise_accuracy": final["eval_accuracy"]}
+            log("eval", f"reward model pairwise accuracy on held-out comparisons: {final['eval_accuracy']:.2f}")
+    evaluate.save_report(cfg.run_dir / "metrics" / "eval.json", report)
+    return report
+
+
 def run_pipeline(cfg: RunConfig) -> Path:
     """Every stage that is built so far, in order."""
     run_dir = prepare_run(cfg)
@@ -175,4 +205,5 @@ def run_pipeline(cfg: RunConfig) -> Path:
     make_tokenizer(cfg)
     for stage in ("pretrain", "sft", "reward"):
         train_model(cfg, stage)
+    report_models(cfg)
     return run_dir

@@ -10,6 +10,10 @@ from rlhf_ray.modeling import load_scalar_model, new_policy, save_model
 from rlhf_ray.tokenizer import BPETokenizer, train_bpe
 from tests.tiny import FACTS, TINY_MODEL
 
+# Tiny models gain nothing from threads, and on a 2-core CI machine the suite's Ray workers and
+# vLLM engines need the other core.
+torch.set_num_threads(1)
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> BPETokenizer:
     return train_bpe([FACTS] * 100, vocab_size=320, pattern=GPT4_SPLIT_PATTERN, max_chars=10**9)

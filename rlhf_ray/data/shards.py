@@ -14,11 +14,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-import ray
-from tqdm import tqdm
 
-from rlhf_ray.data.readers import read_records
-from rlhf_ray.data.records import TextRecord
 from rlhf_ray.storage import atomic_folder
 from rlhf_ray.tokenizer import load_tokenizer
 
@@ -29,9 +25,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-@ray.remote
 def tokenize_file(path: Path, tokenizer_dir: Path, val_every: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(train tokens, val tokens, documents) of one file: each document is <bos> + its ids."""
+    from rlhf_ray.data.readers import read_records
+    from rlhf_ray.data.records import TextRecord
+
     tokenizer = load_tokenizer(tokenizer_dir)
     dtype = token_dtype(tokenizer.vocab_size)
     train: list[int] = []
@@ -45,9 +43,13 @@ def tokenize_file(path: Path, tokenizer_dir: Path, val_every: int) -> tuple[np.n
 
 def write_shards(files: list[Path], tokenizer_dir: Path, out: Path, val_every: int = 10,
                  shard_tokens: int = 1 << 27) -> dict:
-    """Tokenize `files` into `out` (created only when complete); return its meta."""
+    """Tokenize `files` into `out` (created only when complete) with Ray tasks; return its meta."""
+    import ray  # here, not at the top: training workers read shards without Ray installed
+    from tqdm import tqdm
+
     vocab_size = load_tokenizer(tokenizer_dir).vocab_size
-    pending = [tokenize_file.remote(Path(f), Path(tokenizer_dir), val_every) for f in files]
+    task = ray.remote(tokenize_file)
+    pending = [task.remote(Path(f), Path(tokenizer_dir), val_every) for f in files]
     meta: dict = {"vocab_size": vocab_size, "dtype": token_dtype(vocab_size).name,
                   "sources": [str(f) for f in files], "val_every": val_every, "documents": 0,
                   "splits": {"train": {"files": [], "tokens": 0}, "val": {"files": [], "tokens": 0}}}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import shutil
 import tempfile
 import time
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
@@ -119,6 +121,8 @@ def train(task: Task, worker: Worker) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
         if distributed:
             dist.all_reduce(loss_sum)
+        if worker.device.type == "cuda":
+            torch.cuda.synchronize(worker.device)  # time the GPU's work, not its queueing
         seconds = time.perf_counter() - started
         metrics = {
             "step": step + 1,
@@ -128,6 +132,8 @@ def train(task: Task, worker: Worker) -> dict[str, float]:
             "tokens_per_s": tokens / seconds,
             "mfu": flops_per_token * tokens / seconds / peak,
             "step_s": seconds,
+            "workers": worker.world_size,
+            "resumed_from": start_step,  # the checkpoint this attempt started from (0: none)
         }
         last_step = step + 1 == stage.steps
         if worker.rank == 0 and (metrics["step"] % stage.eval_every == 0 or last_step):
@@ -196,7 +202,8 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
             raise ValueError(f"weights do not match the model: missing {missing}, "
                              f"unexpected {result.unexpected_keys}")
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError,  # missing, malformed or mismatched
+            EOFError, SafetensorError, pickle.UnpicklingError) as e:  # empty or corrupt files
         raise RuntimeError(f"{folder}: cannot resume from this checkpoint: {e}") from e
     return int(step)
 

@@ -24,7 +24,7 @@ def lr_at(step: int, total_steps: int, cfg: Optim) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to the floor."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    decay_steps = max(1, total_steps - 1 - cfg.warmup_steps)  # the last step (total - 1) is at the floor
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))

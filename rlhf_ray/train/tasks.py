@@ -26,8 +26,11 @@ Sequence = np.ndarray  # token ids of one example
 
 
 def worker_slice(items: list, rank: int, world: int) -> list:
-    per_worker = len(items) // world
-    return items[rank * per_worker : (rank + 1) * per_worker]
+    """This worker's contiguous share of `items`; the shares differ by at most one and cover all."""
+    if len(items) < world:
+        raise ValueError(f"a global batch of {len(items)} cannot give each of {world} workers an "
+                         "example: make batch_size at least resources.num_workers")
+    return items[rank * len(items) // world : (rank + 1) * len(items) // world]
 
 
 def chunks(items: list, size: int) -> list[list]:

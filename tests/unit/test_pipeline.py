@@ -1,4 +1,6 @@
-"""The run folder: `rlhf-ray pipeline` fills it step by step, skips finished steps, refuses bad input."""
+"""The run folder's first steps (data, tokenizer): filled once, skipped when done, bad input refused.
+
+The training stages and the whole `rlhf-ray pipeline` run on Ray: see tests/integration."""
 
 import json
 from pathlib import Path
@@ -16,8 +18,8 @@ def run_cli(*args: str) -> None:
     main(list(args))
 
 
-def test_pipeline_writes_config_data_and_tokenizer(tmp_path, capsys):
-    run_cli("pipeline", "--config", TEST_CONFIG, "--set", f"runs_dir={tmp_path}")
+def test_the_first_steps_write_config_data_and_tokenizer(tmp_path, capsys):
+    run_cli("tokenizer", "--config", TEST_CONFIG, "--set", f"runs_dir={tmp_path}")
     run = tmp_path / "test"
     assert (run / "config.yaml").is_file()
     assert {p.name for p in (run / "data").iterdir()} >= {"pretrain.jsonl", "sft.jsonl", "world.json"}
@@ -30,11 +32,11 @@ def test_pipeline_writes_config_data_and_tokenizer(tmp_path, capsys):
 
 
 def test_a_rerun_skips_finished_steps_and_changes_nothing(tmp_path, capsys):
-    run_cli("pipeline", "--config", TEST_CONFIG, "--set", f"runs_dir={tmp_path}")
+    run_cli("tokenizer", "--config", TEST_CONFIG, "--set", f"runs_dir={tmp_path}")
     ranks = tmp_path / "test" / "tokenizer" / "tokenizer.tiktoken"
     before = ranks.stat().st_mtime_ns
     capsys.readouterr()
-    run_cli("pipeline", "--config", TEST_CONFIG, "--set", f"runs_dir={tmp_path}")
+    run_cli("tokenizer", "--config", TEST_CONFIG, "--set", f"runs_dir={tmp_path}")
     out = capsys.readouterr().out
     assert "data exists, skipped" in out and "tokenizer exists, skipped" in out
     assert ranks.stat().st_mtime_ns == before

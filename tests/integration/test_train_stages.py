@@ -1,0 +1,149 @@
+"""Stages 1–3a on real Ray Train: two DDP workers, checkpoints, restarts, clear refusals."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_ray.cli import main
+from rlhf_ray.config import load_config
+from rlhf_ray.modeling import load_policy, load_scalar_model
+from rlhf_ray.pipeline import prepare_run, make_demo_data, make_tokenizer, train_model
+
+pytestmark = pytest.mark.integration
+
+TEST_CONFIG = Path(__file__).parents[2] / "configs" / "test.yaml"
+METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "workers"}
+
+
+def metrics(run: Path, stage: str) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics" / f"{stage}.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    main(["pipeline", "--config", str(TEST_CONFIG), "--set", f"runs_dir={runs}"])
+    return runs / "test"
+
+
+def test_the_three_stages_train_on_two_workers_and_export_hf_folders(run):
+    cfg = load_config(TEST_CONFIG)
+    for stage in ("pretrain", "sft", "reward"):
+        lines = metrics(run, stage)
+        assert [m["step"] for m in lines] == list(range(1, getattr(cfg, stage).steps + 1))
+        assert all(METRIC_KEYS <= m.keys() and m["workers"] == 2 for m in lines)
+        assert "eval_loss" in lines[-1]
+    assert "eval_accuracy" in metrics(run, "reward")[-1]
+    load_policy(run / "base")
+    load_policy(run / "sft")
+    assert load_scalar_model(run / "reward").config.num_labels == 1
+
+
+def test_sft_starts_from_base_and_reward_from_sft(run):
+    base = load_file(run / "base" / "model.safetensors")
+    sft = load_file(run / "sft" / "model.safetensors")
+    reward = load_file(run / "reward" / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(base[name], sft[name])  # SFT trained it further
+    assert not torch.equal(sft[name], reward[name])
+    assert set(reward) - set(sft) == {"score.weight"}
+
+
+def test_the_pipeline_reports_what_each_stage_does(run):
+    report = json.loads((run / "metrics" / "eval.json").read_text())
+    assert report["base"]["question"] == "What is the capital of France?"
+    assert 0 <= report["sft"]["held_out_exact_match"]["rate"] <= 1
+    assert 0 <= report["reward"]["held_out_pairwise_accuracy"] <= 1
+
+
+def test_a_rerun_skips_every_finished_stage(run, capsys):
+    before = (run / "sft" / "model.safetensors").stat().st_mtime_ns
+    main(["pipeline", "--config", str(TEST_CONFIG), "--set", f"runs_dir={run.parent}"])
+    out = capsys.readouterr().out
+    for folder in ("base", "sft", "reward"):
+        assert f"{run / folder} exists, skipped" in out
+    assert (run / "sft" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_more_workers_than_the_cluster_has_is_refused_before_starting(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--config", str(TEST_CONFIG), "--set", f"runs_dir={tmp_path}",
+              "--set", "pretrain.resources.num_workers=64", "--set", "pretrain.batch_size=64"])
+    err = capsys.readouterr().err
+    assert "pretrain.resources asks for 32 CPUs (64 workers x 0.5) but the cluster has" in err
+    assert not (tmp_path / "test" / "base").exists() and not (tmp_path / "test" / "checkpoints").exists()
+
+
+def test_sft_without_a_base_model_names_the_missing_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["sft", "--config", str(TEST_CONFIG), "--set", f"runs_dir={tmp_path}"])
+    assert f"sft starts from {tmp_path / 'test' / 'base'}, which is not usable" in capsys.readouterr().err
+
+
+def test_a_conversation_longer_than_the_context_is_named(run, tmp_path, capsys):
+    sft = tmp_path / "long.jsonl"
+    turn = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "word " * 600}]}
+    sft.write_text(json.dumps(turn) + "\n")
+    with pytest.raises(SystemExit):
+        main(["sft", "--config", str(TEST_CONFIG), "--set", f"runs_dir={tmp_path}", "--set", f"data.sft=[{sft}]",
+              "--set", f"model.pretrained={run / 'base'}"])
+    err = capsys.readouterr().err
+    assert f"{sft}:1: the conversation is" in err and "longer than model.max_seq_len = 512" in err
+    assert not (tmp_path / "test" / "sft").exists()
+
+
+def _train_pretrain(runs: Path, steps: int, overrides: list[str] = ()) -> Path:
+    cfg = load_config(TEST_CONFIG, [f"runs_dir={runs}", f"pretrain.steps={steps}", "pretrain.checkpoint_every=10",
+                                    "pretrain.eval_every=1000", *overrides])
+    prepare_run(cfg)
+    make_demo_data(cfg)
+    make_tokenizer(cfg)
+    train_model(cfg, "pretrain")
+    return cfg.run_dir
+
+
+def _kill_a_worker_after(metrics_path: Path, step: int, timeout: float = 120) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= step:
+            workers = [p for p in psutil.process_iter(["cmdline"])
+                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            if workers:
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                return workers[-1].pid
+        time.sleep(0.01)
+    raise AssertionError(f"training never reached step {step}")
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint_losing_and_repeating_nothing(tmp_path):
+    steps = 300
+    killer_result: list[int] = []
+    metrics_path = tmp_path / "killed" / "test" / "metrics" / "pretrain.jsonl"
+    killer = threading.Thread(target=lambda: killer_result.append(_kill_a_worker_after(metrics_path, 45)))
+    killer.start()
+    killed = _train_pretrain(tmp_path / "killed", steps)
+    killer.join()
+    assert killer_result, "no worker was killed"
+
+    lines = metrics(killed, "pretrain")
+    assert [m["step"] for m in lines] == list(range(1, steps + 1))  # every step once, in order
+    resumed = {m["resumed_from"] for m in lines} - {0}
+    assert len(resumed) == 1, "exactly one restart"
+    checkpoint_step = resumed.pop()
+    # Killed just after step 45: the newest checkpoint Ray Train had registered by then (every 10 steps).
+    assert checkpoint_step % 10 == 0 and 0 < checkpoint_step <= 50
+    assert all(m["resumed_from"] == (0 if m["step"] <= checkpoint_step else checkpoint_step) for m in lines)
+
+    clean = _train_pretrain(tmp_path / "clean", steps)
+    after_kill = load_file(killed / "base" / "model.safetensors")
+    uninterrupted = load_file(clean / "base" / "model.safetensors")
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(after_kill[name], tensor, rtol=0, atol=0, msg=name)
