@@ -174,7 +174,8 @@ def report_models(cfg: RunConfig) -> dict:
     question = evaluate.DEMO_QUESTION
     base, sft = stages.base_dir(cfg), cfg.run_dir / "sft"
     if base.exists():
-        text = evaluate.continue_document(base, question)
+        # A document line ends with its newline ("?\n" is one token; a bare "?" rarely ends a line).
+        text = evaluate.continue_document(base, question + "\n")
         report["base"] = {"question": question, "continuation": text}
         log("eval", f"base continues the document {question!r} with: {text!r}")
     if sft.exists():

@@ -31,12 +31,13 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return measured_matmul_flops(device, dtype)
 
 
-def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 6) -> float:
+    """The best of several large matmuls: a peak other processes starting up cannot pull down much."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm up
     best = float("inf")
-    for _ in range(3):
+    for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()

@@ -94,7 +94,7 @@ def train(task: Task, worker: Worker) -> dict[str, float]:
 
     distributed = dist.is_available() and dist.is_initialized() and worker.world_size > 1
     trained = DistributedDataParallel(model) if distributed else model
-    use_bf16 = worker.device.type == "cuda"
+    use_bf16 = uses_bf16(stage.precision, worker.device)
     peak = peak_flops(worker.device, torch.bfloat16 if use_bf16 else torch.float32) * worker.world_size
     flops_per_token = task.flops_per_token(model)
     last: dict[str, float] = {}
@@ -151,6 +151,14 @@ def train(task: Task, worker: Worker) -> dict[str, float]:
     if worker.rank == 0:
         task.export(model)
     return last
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    if precision != "auto":
+        return precision == "bfloat16"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def global_units(task: Task, model: torch.nn.Module, batches: list[Batch], worker: Worker) -> tuple[float, int]:
