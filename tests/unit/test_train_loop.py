@@ -55,20 +55,12 @@ def bt(difference: float) -> float:
 
 
 def run_config(tmp_path: Path, stage: str = "sft", **settings):
-    """configs/test.yaml with this test's runs_dir and a few small, fast stage settings."""
-    values = {"steps": 4, "batch_size": 4, "micro_batch_size": 2, "eval_every": 2,
+    """configs/test.yaml with this test's runs_dir and a few small, fast stage settings; float32, so
+    that steps can be checked against losses computed here without autocast."""
+    values = {"steps": 4, "batch_size": 4, "micro_batch_size": 2, "eval_every": 2, "precision": "float32",
               "checkpoint_every": 2, "optim.lr": 3e-3, "optim.warmup_steps": 0} | settings
     overrides = [f"runs_dir={tmp_path}"] + [f"{stage}.{key}={value}" for key, value in values.items()]
     return load_config(TEST_CONFIG, overrides)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from intra-op threads, and they spin-wait when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -187,3 +187,12 @@ def test_flops_per_token_count_every_matmul_weight_and_the_attention_over_the_co
     expected = 6 * (body + table) + 12 * 2 * 64 * 16
     assert expected == 507_264
     assert flops_per_token(config, seq_len=16, num_params=num_params) == expected
+
+
+def test_precision_auto_uses_bf16_on_gpus_and_on_cpus_with_native_bf16():
+    from rlhf_ray.train.loop import uses_bf16
+
+    cpu = torch.device("cpu")
+    assert uses_bf16("bfloat16", cpu) and not uses_bf16("float32", cpu)
+    assert uses_bf16("auto", torch.device("cuda"))
+    assert uses_bf16("auto", cpu) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
