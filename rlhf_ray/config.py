@@ -175,6 +175,12 @@ class TrainStage(Section):
     max_failures: int = Field(
         2, ge=0, description="Restarts from the last checkpoint after a worker dies."
     )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every worker holds the whole model. fsdp: parameters, gradients and "
+        "optimizer state are sharded over the workers (FSDP2, one unit per decoder layer), for "
+        "models that do not fit one device.",
+    )
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="Compute dtype (bf16 autocast keeps float32 weights). auto: bfloat16 on GPUs and "

@@ -26,6 +26,14 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from rlhf_ray.config import TrainStage
@@ -82,6 +90,11 @@ def train(task: Task, worker: Worker) -> dict[str, float]:
     """Train `task.stage.steps` optimizer steps (resuming if a checkpoint exists); export on rank 0."""
     stage = task.stage
     model = task.build_model().to(worker.device)
+    distributed = dist.is_available() and dist.is_initialized() and worker.world_size > 1
+    sharded = distributed and stage.strategy == "fsdp"
+    if sharded:
+        shard(model)  # in place: parameters become shards, so the optimizer is made after
+    trained = DistributedDataParallel(model) if distributed and not sharded else model
     optimizer = make_optimizer(model, stage.optim)
     start_step = 0
     with worker.resume_from() as checkpoint_dir:
@@ -92,8 +105,6 @@ def train(task: Task, worker: Worker) -> dict[str, float]:
         if start_step:
             print(f"[{task.name}] resumed from the checkpoint of step {start_step}", flush=True)
 
-    distributed = dist.is_available() and dist.is_initialized() and worker.world_size > 1
-    trained = DistributedDataParallel(model) if distributed else model
     use_bf16 = uses_bf16(stage.precision, worker.device)
     peak = peak_flops(worker.device, torch.bfloat16 if use_bf16 else torch.float32) * worker.world_size
     flops_per_token = task.flops_per_token(model)
@@ -105,22 +116,23 @@ def train(task: Task, worker: Worker) -> dict[str, float]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches = task.micro_batches(step, worker.rank, worker.world_size)
-        units, tokens = global_units(task, trained, batches, worker)
+        units, tokens = global_units(task, batches, worker)
         loss_sum = torch.zeros((), device=worker.device)
         trained.train()
         for i, batch in enumerate(batches):
             batch = {k: v.to(worker.device) for k, v in batch.items()}
-            sync = nullcontext() if not distributed or i == len(batches) - 1 else trained.no_sync()
-            with sync, torch.autocast(worker.device.type, torch.bfloat16, enabled=use_bf16):
+            with gradient_sync(trained, i == len(batches) - 1), torch.autocast(worker.device.type, torch.bfloat16, enabled=use_bf16):
                 loss, _ = task.loss(trained, batch)
                 # DDP averages gradients over workers; scale so the result is the global mean.
                 (loss * worker.world_size / units).backward()
             loss_sum += loss.detach()
+        if distributed:
+            dist.all_reduce(loss_sum)
+        if not math.isfinite(loss_sum.item()):  # stop before a bad step reaches the weights
+            raise FloatingPointError(f"[{task.name}] step {step + 1}: the loss is {loss_sum.item()}")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if distributed:
-            dist.all_reduce(loss_sum)
         if worker.device.type == "cuda":
             torch.cuda.synchronize(worker.device)  # time the GPU's work, not its queueing
         seconds = time.perf_counter() - started
@@ -136,21 +148,53 @@ def train(task: Task, worker: Worker) -> dict[str, float]:
             "resumed_from": start_step,  # the checkpoint this attempt started from (0: none)
         }
         last_step = step + 1 == stage.steps
-        if worker.rank == 0 and (metrics["step"] % stage.eval_every == 0 or last_step):
+        # A sharded model's forward needs every worker; a replicated one only rank 0.
+        if (sharded or worker.rank == 0) and (metrics["step"] % stage.eval_every == 0 or last_step):
             metrics.update(task.evaluate(model))
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"[{task.name}] step {step + 1}: the loss is {metrics['loss']}")
         if worker.rank == 0:
             append_metrics(worker.metrics_path, metrics)
         if metrics["step"] % stage.checkpoint_every == 0 or last_step:
+            state = gather_state(model, optimizer)  # every worker takes part
             with checkpoint_dir_for(worker) as ckpt:
                 if ckpt is not None:
-                    save_checkpoint(ckpt, model, optimizer, step + 1)
+                    write_checkpoint(ckpt, *state, step + 1)
                 worker.report(metrics, ckpt)
         last = metrics
-    if worker.rank == 0:
-        task.export(model)
+    export(task, model, sharded, worker)
     return last
+
+
+def shard(model: torch.nn.Module) -> None:
+    """FSDP2: each decoder layer is one unit of all-gather/reduce-scatter, the rest the root's."""
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+@contextmanager
+def gradient_sync(trained: torch.nn.Module, sync: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce/reduce-scatter on all but the last micro-batch of a step."""
+    if isinstance(trained, DistributedDataParallel) and not sync:
+        with trained.no_sync():
+            yield
+    elif hasattr(trained, "set_requires_gradient_sync"):  # FSDP2
+        trained.set_requires_gradient_sync(sync)
+        yield
+    else:
+        yield
+
+
+def export(task: Task, model: torch.nn.Module, sharded: bool, worker: Worker) -> None:
+    """Rank 0 writes the Hugging Face folder; a sharded model is gathered into a plain one first."""
+    if not sharded:
+        if worker.rank == 0:
+            task.export(model)
+        return
+    state, _ = gather_state(model, None)
+    if worker.rank == 0:
+        plain = task.build_model()
+        plain.load_state_dict(state)
+        task.export(plain)
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
@@ -161,7 +205,7 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def global_units(task: Task, model: torch.nn.Module, batches: list[Batch], worker: Worker) -> tuple[float, int]:
+def global_units(task: Task, batches: list[Batch], worker: Worker) -> tuple[float, int]:
     """Loss units and tokens of this step over every worker (to normalise the summed loss)."""
     counts = torch.tensor([sum(task.units(b) for b in batches),
                            sum(real_tokens(b) for b in batches)], dtype=torch.float64)
@@ -191,41 +235,48 @@ def checkpoint_dir_for(worker: Worker) -> Iterator[Path | None]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(_untied(state), folder / "model.safetensors")
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state on rank 0's CPU; empty on other ranks."""
+    model_state = get_model_state_dict(model, options=FULL_ON_RANK0)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=FULL_ON_RANK0) if optimizer else {}
+    return model_state, optim_state
+
+
+def write_checkpoint(folder: Path, model_state: dict, optim_state: dict, step: int) -> None:
+    save_file(_unshared(model_state), folder / "model.safetensors")
+    torch.save(optim_state, folder / "optimizer.pt")
     (folder / "state.json").write_text(json.dumps({"step": step}))
 
 
+def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    write_checkpoint(folder, *gather_state(model, optimizer), step)
+
+
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore model and optimizer from `folder`; return the step it was taken after."""
+    """Restore model and optimizer (sharded or not) from `folder`; return the step it was taken after."""
     try:
         step = json.loads((folder / "state.json").read_text())["step"]
-        state = load_file(folder / "model.safetensors")
-        result = model.load_state_dict(state, strict=False)
-        loaded = {t.data_ptr() for name, t in model.state_dict().items() if name in state}
-        missing = [k for k in result.missing_keys if model.state_dict()[k].data_ptr() not in loaded]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"weights do not match the model: missing {missing}, "
-                             f"unexpected {result.unexpected_keys}")
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    except (OSError, ValueError, KeyError, RuntimeError,  # missing, malformed or mismatched
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, load_file(folder / "model.safetensors"), options=full)
+        optim_state = torch.load(folder / "optimizer.pt", weights_only=True)
+        set_optimizer_state_dict(model, optimizer, optim_state, options=full)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError,  # missing, malformed, mismatched
             EOFError, SafetensorError, pickle.UnpicklingError) as e:  # empty or corrupt files
         raise RuntimeError(f"{folder}: cannot resume from this checkpoint: {e}") from e
     return int(step)
 
 
-def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory (tied embeddings): store each once."""
-    seen: dict[int, str] = {}
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied embeddings): give each its own copy."""
+    seen: set[int] = set()
     out = {}
     for name, tensor in state.items():
-        key = tensor.data_ptr()
-        if key in seen:
-            continue
-        seen[key] = name
-        out[name] = tensor
+        tensor = tensor.detach().cpu().contiguous()
+        out[name] = tensor.clone() if tensor.data_ptr() in seen else tensor
+        seen.add(tensor.data_ptr())
     return out
 
 

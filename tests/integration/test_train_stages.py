@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -147,3 +148,18 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_losing_and_repeating_n
     uninterrupted = load_file(clean / "base" / "model.safetensors")
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(after_kill[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_fsdp_shards_over_two_workers_exports_a_plain_folder_and_resumes(tmp_path):
+    fsdp = ["pretrain.strategy=fsdp", "pretrain.checkpoint_every=2"]
+    run = _train_pretrain(tmp_path, 4, fsdp)
+    assert load_policy(run / "base").config.num_hidden_layers == 2
+    first = metrics(run, "pretrain")
+    assert [m["workers"] for m in first] == [2] * 4 and first[-1]["loss"] < first[0]["loss"]
+
+    shutil.rmtree(run / "base")  # ask for more steps: the run continues from its step-4 checkpoint
+    _train_pretrain(tmp_path, 6, fsdp)
+    lines = metrics(run, "pretrain")
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    assert [m["resumed_from"] for m in lines] == [0, 0, 0, 0, 4, 4]
+    load_policy(run / "base")
