@@ -115,8 +115,9 @@ def _kill_a_worker_after(metrics_path: Path, step: int, timeout: float = 120) ->
     deadline = time.time() + timeout
     while time.time() < deadline:
         if metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= step:
-            workers = [p for p in psutil.process_iter(["cmdline"])
-                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            # Only this test's Ray (started by this process) counts: other Ray runs may share the machine.
+            workers = [p for p in psutil.Process().children(recursive=True)
+                       if "RayTrainWorker" in " ".join(p.cmdline())]
             if workers:
                 os.kill(workers[-1].pid, signal.SIGKILL)
                 return workers[-1].pid
