@@ -1,0 +1,1 @@
+"""Reinforcement learning from the reward model: PPO, GRPO and RLOO."""
