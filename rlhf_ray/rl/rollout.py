@@ -1,0 +1,112 @@
+"""Rollouts for PPO: a vLLM engine that samples responses and takes new policy weights in place.
+
+The engine is started once from the policy folder; after every PPO update the trainer sends the new
+weights with `load_weights(state_dict, version)`. Each rollout records the weight version that
+produced it, and `generate` refuses to sample from weights other than the ones the caller expects,
+so a trainer never learns from responses of a policy it did not mean to use (no silent
+off-policy drift).
+
+The logprob of each sampled token is vLLM's raw logprob: log_softmax of the policy's logits, before
+temperature and top-p. It is what the trainer recomputes with a plain forward pass, so at
+temperature 1 and top_p 1 it is the behaviour policy's logprob that PPO's ratio needs.
+
+`RolloutEngine` is a plain class (usable without Ray, e.g. in tests); `RolloutActor` is the same
+class as a Ray actor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+from safetensors.torch import save
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+
+from rlhf_ray.tokenizer import load_tokenizer
+
+EXTENSION = "rlhf_ray.rl.vllm_extension.WeightSyncExtension"
+
+
+@dataclass
+class Rollout:
+    """One sampled response to one prompt."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]  # ends with the stop token when finish_reason == "stop"
+    logprobs: list[float]  # the sampling logprob of each response token
+    finish_reason: str  # "stop" (a stop token was sampled) or "length" (max_new_tokens reached)
+    weight_version: int  # the version of the weights that sampled it
+
+
+class StaleWeightsError(RuntimeError):
+    """The engine holds other weights than the caller expects to sample from."""
+
+
+class RolloutEngine:
+    """A vLLM engine on the policy folder whose weights the trainer replaces between updates."""
+
+    def __init__(self, model_dir: Path, max_model_len: int, memory_fraction: float = 0.1,
+                 seed: int = 0, dtype: str = "float32") -> None:
+        # memory_fraction is vLLM's gpu_memory_utilization: on the CPU build the fraction of the
+        # NUMA node's memory reserved for the KV cache.
+        self.stop_ids = list(load_tokenizer(Path(model_dir)).stop_ids)
+        self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len,
+                       gpu_memory_utilization=memory_fraction, seed=seed, enforce_eager=True,
+                       worker_extension_cls=EXTENSION)
+
+    @property
+    def weight_version(self) -> int:
+        """The workers' weight version; raises if they disagree (a sync half done)."""
+        versions = set(self.llm.collective_rpc("get_weight_version"))
+        if len(versions) != 1:
+            raise RuntimeError(f"vLLM workers hold different weight versions: {sorted(versions)}")
+        return versions.pop()
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Replace the engine's weights by a Hugging Face-format state dict, as `version`."""
+        # collective_rpc serializes its arguments (tensors would become lists): send one blob.
+        # safetensors refuses tensors that share memory, as tied lm_head and embed_tokens do, so
+        # each is cloned. Both names must be sent: on reload vLLM loads each layer separately and
+        # a layer given no weights keeps its old ones (the tie is not restored).
+        state = {name: tensor.detach().to("cpu").clone() for name, tensor in state_dict.items()}
+        reported = self.llm.collective_rpc("load_weights_bytes", args=(save(state), version))
+        if any(v != version for v in reported):
+            raise RuntimeError(f"weight sync to version {version} failed: workers report {reported}")
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                 top_p: float, expected_version: int, seed: int | None = None) -> list[Rollout]:
+        """Sample one response per prompt (temperature 0: greedy) with the expected weights."""
+        version = self.weight_version
+        if version != expected_version:
+            raise StaleWeightsError(
+                f"the rollout engine holds weight version {version}, the caller expected "
+                f"version {expected_version}"
+            )
+        params = [
+            SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           stop_token_ids=self.stop_ids, logprobs=0, detokenize=False,
+                           seed=None if seed is None else seed + i)  # distinct draws per prompt
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                    use_tqdm=False)
+        rollouts = []
+        for prompt, output in zip(prompts, outputs):
+            completion = output.outputs[0]
+            response = list(completion.token_ids)
+            # logprobs=0 returns, per position, the sampled token's logprob (and no alternatives).
+            logprobs = [step[token].logprob for token, step in zip(response, completion.logprobs)]
+            rollouts.append(Rollout(prompt_ids=list(prompt), response_ids=response,
+                                    logprobs=logprobs, finish_reason=str(completion.finish_reason),
+                                    weight_version=version))
+        return rollouts
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine-core process (it would otherwise outlive the engine)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+RolloutActor = ray.remote(RolloutEngine)
