@@ -1,0 +1,311 @@
+"""The model-holding roles of PPO: policy, value, reference and reward, as plain classes.
+
+Every role works on an `Experience`: rollouts packed into right-padded (B, T) sequences. Per-token
+quantities (logprobs, values, advantages, ...) are (B, T-1) and aligned with next-token positions,
+like labels: column t belongs to the token at t + 1, predicted from the tokens up to t.
+`response_mask` is 1 on the columns whose next token is a response token.
+
+No Ray in here: a later step wraps these classes with `ray.remote`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import torch
+
+from rlhf_ray.config import Optim
+from rlhf_ray.modeling import load_policy, load_scalar_model, save_model
+from rlhf_ray.rl.algorithms import entropy_from_logits, masked_mean, ppo_policy_loss, value_loss
+from rlhf_ray.tokenizer import load_tokenizer
+from rlhf_ray.train.optim import make_optimizer
+
+if TYPE_CHECKING:  # rollout.py imports vLLM, which the trainer side does not need
+    from rlhf_ray.rl.rollout import Rollout
+
+GRAD_CLIP = 1.0
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------- experience
+
+
+@dataclass
+class Experience:
+    """A batch of rollouts as tensors; the controller fills the optional per-token fields."""
+
+    sequences: torch.Tensor  # (B, T) prompt + response, right-padded with pad_id
+    attention_mask: torch.Tensor  # (B, T) 1 on real tokens
+    response_mask: torch.Tensor  # (B, T-1) 1 where column t predicts a response token
+    finished: torch.Tensor  # (B,) bool: the response ended with a stop token
+    sample_logprobs: torch.Tensor  # (B, T-1) the sampler's (vLLM's) logprobs, 0 off the response
+    old_logprobs: torch.Tensor | None = None  # (B, T-1) the policy's before the update
+    ref_logprobs: torch.Tensor | None = None  # (B, T-1)
+    values: torch.Tensor | None = None  # (B, T-1) the value model's before the update
+    advantages: torch.Tensor | None = None  # (B, T-1)
+    returns: torch.Tensor | None = None  # (B, T-1)
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    def select(self, index: torch.Tensor | slice) -> Experience:
+        """The rows `index` of every tensor."""
+        return replace(self, **{f.name: t[index] for f in fields(self)
+                                if (t := getattr(self, f.name)) is not None})
+
+    def to(self, device: torch.device | str) -> Experience:
+        return replace(self, **{f.name: t.to(device) for f in fields(self)
+                                if (t := getattr(self, f.name)) is not None})
+
+    def mini_batches(self, size: int, shuffle: bool = True) -> Iterator[Experience]:
+        """Mini-batches of `size` rows (the last may be smaller), in a random order by default."""
+        if size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1, got {size}")
+        order = torch.randperm(len(self)) if shuffle else torch.arange(len(self))
+        for start in range(0, len(self), size):
+            yield self.select(order[start : start + size].to(self.sequences.device))
+
+
+def pack_rollouts(rollouts: Sequence[Rollout], pad_id: int) -> Experience:
+    """Right-pad prompt + response of each rollout into one batch, and mark the response columns."""
+    if not rollouts:
+        raise ValueError("pack_rollouts needs at least one rollout")
+    lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
+    T = max(lengths)
+    if T < 2:
+        raise ValueError("every batch needs a sequence of at least 2 tokens")
+    B = len(rollouts)
+    sequences = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    response_mask = torch.zeros(B, T - 1, dtype=torch.long)
+    sample_logprobs = torch.zeros(B, T - 1)
+    for i, r in enumerate(rollouts):
+        if not r.prompt_ids:
+            raise ValueError(f"rollout {i} has an empty prompt")
+        if len(r.logprobs) != len(r.response_ids):
+            raise ValueError(f"rollout {i}: {len(r.logprobs)} logprobs for "
+                             f"{len(r.response_ids)} response tokens")
+        P, R = len(r.prompt_ids), len(r.response_ids)
+        sequences[i, : P + R] = torch.tensor(list(r.prompt_ids) + list(r.response_ids))
+        attention_mask[i, : P + R] = 1
+        # the response token at position P + k is predicted at column P - 1 + k
+        response_mask[i, P - 1 : P - 1 + R] = 1
+        sample_logprobs[i, P - 1 : P - 1 + R] = torch.tensor(r.logprobs, dtype=torch.float)
+    finished = torch.tensor([r.finish_reason == "stop" for r in rollouts])
+    return Experience(sequences, attention_mask, response_mask, finished, sample_logprobs)
+
+
+# --------------------------------------------------------------------------- forward passes
+
+
+def sequence_logprobs(model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logprob (B, T-1) of each next token and the entropy (B, T-1) of each next-token distribution.
+
+    One forward pass; the softmax is taken in float32 whatever the model's dtype.
+    """
+    logits = model(input_ids=sequences, attention_mask=attention_mask).logits[:, :-1].float()
+    logprobs = torch.log_softmax(logits, -1).gather(-1, sequences[:, 1:, None]).squeeze(-1)
+    return logprobs, entropy_from_logits(logits)
+
+
+def token_values(model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor
+                 ) -> torch.Tensor:
+    """A scalar-head model's value (B, T-1) of every state: column t after reading tokens 0..t."""
+    hidden = model.model(input_ids=sequences, attention_mask=attention_mask).last_hidden_state
+    return model.score(hidden).squeeze(-1)[:, :-1].float()
+
+
+def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+    return make_optimizer(model, Optim(lr=lr, weight_decay=0.0, warmup_steps=0))
+
+
+def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    optimizer.step()
+
+
+def _need(exp: Experience, *names: str) -> None:
+    missing = [n for n in names if getattr(exp, n) is None]
+    if missing:
+        raise ValueError(f"the experience has no {', '.join(missing)} yet: fill it before updating")
+
+
+# --------------------------------------------------------------------------- roles
+
+
+class PolicyRole:
+    """The trained policy: logprobs, PPO updates, and its weights for the rollout engines."""
+
+    def __init__(self, model_dir: Path, lr: float, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.model = load_policy(self.model_dir, dtype=dtype).to(self.device)
+        self.optimizer = _optimizer(self.model, lr)
+
+    @torch.no_grad()
+    def logprobs(self, exp: Experience) -> torch.Tensor:
+        """The current policy's logprob (B, T-1) of every next token."""
+        self.model.eval()
+        exp = exp.to(self.device)
+        return sequence_logprobs(self.model, exp.sequences, exp.attention_mask)[0].cpu()
+
+    def update(self, exp: Experience, mini_batch_size: int, epochs: int, clip: float,
+               entropy_coef: float = 0.0) -> dict[str, float]:
+        """PPO epochs over mini-batches; the means of the losses and diagnostics over all steps."""
+        _need(exp, "old_logprobs", "advantages")
+        self.model.train()
+        exp = exp.to(self.device)
+        totals = {"policy_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "entropy": 0.0}
+        steps = 0
+        for _ in range(epochs):
+            for mb in exp.mini_batches(mini_batch_size):
+                logprobs, entropy = sequence_logprobs(self.model, mb.sequences, mb.attention_mask)
+                loss, clip_fraction, approx_kl = ppo_policy_loss(
+                    logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, clip)
+                mean_entropy = masked_mean(entropy, mb.response_mask)
+                _step(self.model, self.optimizer, loss - entropy_coef * mean_entropy)
+                for key, value in (("policy_loss", loss), ("clip_fraction", clip_fraction),
+                                   ("approx_kl", approx_kl), ("entropy", mean_entropy)):
+                    totals[key] += value.item()
+                steps += 1
+        return {key: value / max(steps, 1) for key, value in totals.items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under their Hugging Face names (tied lm_head included), on the CPU."""
+        return {name: t.detach().cpu() for name, t in self.model.state_dict().items()}
+
+    def save(self, dest: Path) -> None:
+        save_model(self.model, self.tokenizer, Path(dest))
+
+
+class ValueRole:
+    """The critic: a scalar-head model (started from the reward model) read at every token."""
+
+    def __init__(self, model_dir: Path, lr: float, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.model = load_scalar_model(self.model_dir, dtype=dtype).to(self.device)
+        self.optimizer = _optimizer(self.model, lr)
+
+    @torch.no_grad()
+    def values(self, exp: Experience) -> torch.Tensor:
+        """Values (B, T-1): column t is the value of the state before predicting token t + 1."""
+        self.model.eval()
+        exp = exp.to(self.device)
+        return token_values(self.model, exp.sequences, exp.attention_mask).cpu()
+
+    def update(self, exp: Experience, mini_batch_size: int, epochs: int,
+               clip: float) -> dict[str, float]:
+        """Clipped value regression toward `exp.returns`; the mean loss over all steps."""
+        _need(exp, "values", "returns")
+        self.model.train()
+        exp = exp.to(self.device)
+        total, steps = 0.0, 0
+        for _ in range(epochs):
+            for mb in exp.mini_batches(mini_batch_size):
+                values = token_values(self.model, mb.sequences, mb.attention_mask)
+                loss = value_loss(values, mb.values, mb.returns, mb.response_mask, clip)
+                _step(self.model, self.optimizer, loss)
+                total += loss.item()
+                steps += 1
+        return {"value_loss": total / max(steps, 1)}
+
+    def save(self, dest: Path) -> None:
+        save_model(self.model, self.tokenizer, Path(dest))
+
+
+class ReferenceRole:
+    """The frozen starting policy, for the KL penalty."""
+
+    def __init__(self, model_dir: Path, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = load_policy(Path(model_dir), dtype=dtype).to(self.device).eval()
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def logprobs(self, exp: Experience) -> torch.Tensor:
+        exp = exp.to(self.device)
+        return sequence_logprobs(self.model, exp.sequences, exp.attention_mask)[0].cpu()
+
+
+class RewardModelRole:
+    """The frozen reward model: one scalar per whole sequence (prompt + response)."""
+
+    def __init__(self, model_dir: Path, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = load_scalar_model(Path(model_dir), dtype=dtype).to(self.device).eval()
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def score(self, exp: Experience) -> torch.Tensor:
+        """The score (B,) read at each sequence's last non-pad token."""
+        exp = exp.to(self.device)
+        out = self.model(input_ids=exp.sequences, attention_mask=exp.attention_mask)
+        return out.logits[:, 0].float().cpu()
+
+
+# --------------------------------------------------------------------------- rule-based rewards
+
+
+def contains_answer(text: str, ground_truth: str | None) -> float:
+    """1.0 if the ground truth appears in the text, else 0.0 (0.0 without a ground truth)."""
+    return float(bool(ground_truth) and ground_truth in text)
+
+
+class FunctionReward:
+    """Scores responses with a Python function `(response_text, ground_truth) -> float`."""
+
+    def __init__(self, fn: Callable[[str, str | None], float]) -> None:
+        self.fn = fn
+        self.name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+
+    @classmethod
+    def from_spec(cls, spec: str) -> FunctionReward:
+        """The function named 'module:function' (PPOConfig.reward_function)."""
+        module_name, _, attr = spec.partition(":")
+        if not module_name or not attr:
+            raise ValueError(f"reward function {spec!r}: expected 'module:function'")
+        fn = getattr(importlib.import_module(module_name), attr, None)
+        if not callable(fn):
+            raise ValueError(f"reward function {spec!r}: {module_name} has no function {attr!r}")
+        return cls(fn)
+
+    def score(self, texts: Sequence[str], ground_truths: Sequence[str | None] | None = None
+              ) -> torch.Tensor:
+        """The scores (B,) as float32; a ValueError names the function and the response index."""
+        if ground_truths is None:
+            ground_truths = [None] * len(texts)
+        if len(ground_truths) != len(texts):
+            raise ValueError(f"{len(texts)} responses but {len(ground_truths)} ground truths")
+        scores = []
+        for i, (text, truth) in enumerate(zip(texts, ground_truths)):
+            try:
+                value = self.fn(text, truth)
+            except Exception as e:
+                raise ValueError(f"reward function {self.name} raised on response {i}: "
+                                 f"{type(e).__name__}: {e}") from e
+            if not isinstance(value, numbers.Real):
+                raise ValueError(f"reward function {self.name} returned {value!r} for response "
+                                 f"{i}; expected a number")
+            if not math.isfinite(value):
+                raise ValueError(f"reward function {self.name} returned {value} for response {i}; "
+                                 f"expected a finite number")
+            scores.append(float(value))
+        return torch.tensor(scores, dtype=torch.float32)
