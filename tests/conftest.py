@@ -8,7 +8,7 @@ import torch
 from rlhf_ray.config import GPT4_SPLIT_PATTERN
 from rlhf_ray.modeling import load_scalar_model, new_policy, save_model
 from rlhf_ray.tokenizer import BPETokenizer, train_bpe
-from tests.tiny import FACTS, TINY_MODEL
+from tests.tiny import FACTS, TINY_MODEL, memorise
 
 # Tiny models gain nothing from threads, and on a 2-core CI machine the suite's Ray workers and
 # vLLM engines need the other core.
@@ -23,12 +23,7 @@ def tiny_tokenizer() -> BPETokenizer:
 def tiny_policy_dir(tiny_tokenizer: BPETokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A policy that has memorised FACTS, so its greedy continuation is far from any tie."""
     model = new_policy(TINY_MODEL, tiny_tokenizer, seed=0)
-    ids = torch.tensor([tiny_tokenizer.encode_document(FACTS)])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(80):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    memorise(model, torch.tensor([tiny_tokenizer.encode_document(FACTS)]), steps=80)
     folder = tmp_path_factory.mktemp("models") / "policy"
     save_model(model, tiny_tokenizer, folder)
     return folder

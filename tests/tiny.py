@@ -1,5 +1,7 @@
 """The tiny model and text the shared fixtures train on."""
 
+import torch
+
 from rlhf_ray.config import ModelConfig
 
 TINY_MODEL = ModelConfig(
@@ -9,3 +11,12 @@ FACTS = (
     "The capital of France is Paris. The capital of Japan (日本) is Tokyo. "
     "The capital of Peru is Lima. The capital of Kenya is Nairobi. Ça va? 🙂"
 )
+
+
+def memorise(model: torch.nn.Module, ids: torch.Tensor, steps: int, lr: float = 3e-3) -> None:
+    """Train `model` on one token sequence until it has it by heart (sharp, tie-free logits)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()

@@ -8,6 +8,7 @@ import torch
 from rlhf_ray.modeling import load_policy
 from rlhf_ray.rl.rollout import RolloutActor, RolloutEngine, StaleWeightsError
 from rlhf_ray.tokenizer import load_tokenizer
+from tests.tiny import memorise
 
 pytestmark = pytest.mark.integration
 
@@ -91,12 +92,7 @@ def test_weight_sync_changes_generation_to_the_new_weights(engine, prompts, tiny
 
     # A policy step's worth of change: train the policy a little on other "facts".
     model = load_policy(tiny_policy_dir)
-    ids = torch.tensor([tokenizer.encode_document(NEW_FACTS)])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(30):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    memorise(model, torch.tensor([tokenizer.encode_document(NEW_FACTS)]), steps=30)
     model.eval()
 
     engine.load_weights(model.state_dict(), version=1)
