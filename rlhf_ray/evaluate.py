@@ -8,7 +8,7 @@ answer appears in it verbatim ("The capital of Kenya is Nairobi." matches "Nairo
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,7 +73,3 @@ def exact_match(model_dir: Path, records: list[PromptRecord], max_new_tokens: in
 def save_report(path: Path, report: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-
-
-def as_dict(result: ExactMatch) -> dict:
-    return asdict(result)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from rlhf_ray.cluster import connect
@@ -90,12 +91,16 @@ def check_data(cfg: RunConfig, kinds: list[str] | None = None) -> dict[str, int]
     return counts
 
 
-def corpus_texts(cfg: RunConfig) -> list[str]:
+def pretrain_files(cfg: RunConfig, needed_for: str) -> list[Path]:
     paths = data_files(cfg)["pretrain"]
     if not paths:
-        raise ValueError("no pretraining text to train the tokenizer on: set data.pretrain, "
-                         "data.demo, or tokenizer.pretrained")
-    return [record.text for record in read_many(paths, TextRecord)]
+        raise ValueError(f"no pretraining text to {needed_for}: set data.pretrain or data.demo, "
+                         "or start from model.pretrained")
+    return paths
+
+
+def corpus_texts(cfg: RunConfig) -> list[str]:
+    return [r.text for r in read_many(pretrain_files(cfg, "train the tokenizer on"), TextRecord)]
 
 
 def make_tokenizer(cfg: RunConfig) -> ChatTokenizer:
@@ -132,10 +137,7 @@ def make_shards(cfg: RunConfig) -> None:
     if out.exists():
         log("shards", f"{out} exists, skipped")
         return
-    files = data_files(cfg)["pretrain"]
-    if not files:
-        raise ValueError("no pretraining text: set data.pretrain or data.demo, or start from "
-                         "model.pretrained")
+    files = pretrain_files(cfg, "pretrain on")
     start = time.perf_counter()
     meta = write_shards(files, cfg.run_dir / "tokenizer", out)
     splits = meta["splits"]
@@ -185,7 +187,7 @@ def report_models(cfg: RunConfig) -> dict:
         held_out = data_files(cfg)["rl_eval"]
         if held_out:
             result = evaluate.exact_match(sft, read_many(held_out, PromptRecord))
-            report["sft"]["held_out_exact_match"] = evaluate.as_dict(result)
+            report["sft"]["held_out_exact_match"] = asdict(result)
             log("eval", f"sft exact match on {result.count} held-out prompts: {result.rate:.0%}")
     metrics = cfg.run_dir / "metrics" / "reward.jsonl"
     if metrics.exists():
