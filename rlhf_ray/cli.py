@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("pretrain", "stage 1: pretrain base/ on Ray Train"),
         ("sft", "stage 2: supervised finetuning base/ -> sft/ on Ray Train"),
         ("reward", "stage 3a: reward model sft/ -> reward/ on Ray Train"),
+        ("ppo", "stage 3b: PPO sft/ -> rlhf/ against the reward, on Ray actors with vLLM"),
         ("config", "print the resolved config"),
     ]:
         _add_config_args(commands.add_parser(name, help=help_text))
@@ -56,6 +57,11 @@ def run_command(command: str, cfg: RunConfig) -> None:
         if command == "pretrain":
             pipeline.make_tokenizer(cfg)
         pipeline.train_model(cfg, command)
+    elif command == "ppo":
+        pipeline.prepare_run(cfg)
+        pipeline.make_demo_data(cfg)
+        pipeline.check_data(cfg, kinds=["rl", "rl_eval"])
+        pipeline.train_rlhf(cfg)
     elif command == "pipeline":
         pipeline.run_pipeline(cfg)
 

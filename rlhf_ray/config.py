@@ -207,6 +207,46 @@ class RewardConfig(TrainStage):
     """batch_size and micro_batch_size count comparisons; all pairs of one go in the same batch."""
 
 
+class RoleResources(Section):
+    """What one PPO actor reserves on the Ray cluster."""
+
+    num_cpus: float = Field(0.25, gt=0, description="CPUs reserved for the actor (Ray's bookkeeping).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs for the actor (fractions share a GPU).")
+    threads: int | None = Field(
+        None, ge=1,
+        description="torch threads in the actor (None: max(1, round(num_cpus))). The roles take "
+        "turns (rollout, then scoring, then training), so on a CPU each may use every core.",
+    )
+
+
+def _role(num_cpus: float = 0.25, threads: int | None = None) -> Any:
+    return Field(default_factory=lambda: RoleResources(num_cpus=num_cpus, threads=threads),
+                 description="Ray resources of this role.")
+
+
+class PPOResources(Section):
+    """Placement of the PPO roles. All of them go into one placement group, so the job waits for
+    the whole set (an autoscaler sees the demand) instead of starting half of it."""
+
+    rollout: RoleResources = Field(
+        default_factory=lambda: RoleResources(num_cpus=1.0),
+        description="Each vLLM rollout engine (multiplied by tensor_parallel_size on GPUs).",
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs each rollout engine shards the policy over (GPU only)."
+    )
+    policy: RoleResources = _role(0.5)
+    value: RoleResources = _role()
+    reference: RoleResources = _role(0.125)
+    reward: RoleResources = _role(0.125)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK"] = Field(
+        "PACK", description="Ray placement-group strategy for the roles' bundles."
+    )
+    placement_timeout_s: float = Field(
+        300.0, gt=0, description="Give up (with what was asked and what the cluster has) after this."
+    )
+
+
 class PPOConfig(Section):
     """PPO against the reward model (defaults close to OpenRLHF's)."""
 
@@ -253,7 +293,38 @@ class PPOConfig(Section):
         "kept for the KV cache (0.2 works on an 8 GB node; 0.92 fails).",
     )
     eval_every: int = Field(5, ge=1, description="Evaluate on held-out prompts every N steps.")
+    eval_max_prompts: int = Field(
+        128, ge=1, description="Evaluate on at most this many held-out prompts (greedy replies)."
+    )
     checkpoint_every: int = Field(5, ge=1, description="Save resumable state every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep this many latest PPO checkpoints.")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Compute dtype of the policy/value/reference/reward forward passes "
+        "(bf16 autocast, float32 weights); auto as in the training stages.",
+    )
+    rollout_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="vLLM's dtype for rollouts. bfloat16 is faster on GPUs; its "
+        "logprobs then differ more from the trainer's (see logprob_mismatch in the metrics).",
+    )
+    old_logprobs: Literal["policy", "rollout"] = Field(
+        "policy", description="Where PPO's old logprobs come from: a forward pass of the policy "
+        "(exact), or the rollout engine's sampling logprobs (saves that pass; off by the "
+        "engine/trainer numeric mismatch, which the metrics then cannot show).",
+    )
+    rollout_timeout_s: float = Field(
+        600.0, gt=0, description="A rollout call that takes longer fails the step instead of hanging."
+    )
+    engine_restarts: int = Field(
+        2, ge=0, description="Rollout engines restarted (and re-synced) after dying, per run."
+    )
+    resources: PPOResources = Field(default_factory=PPOResources, description="Role placement.")
+
+    @model_validator(mode="after")
+    def _batch_shapes(self) -> PPOConfig:
+        if self.estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
+            raise ValueError(f"estimator {self.estimator!r} needs samples_per_prompt >= 2 "
+                             f"(a group baseline), got {self.samples_per_prompt}")
+        return self
 
     @model_validator(mode="after")
     def _reward_source_named(self) -> PPOConfig:

@@ -4,8 +4,8 @@
     runs/<name>/data/         generated demo records (when data.demo is set)
     runs/<name>/tokenizer/    stage 0
     runs/<name>/data/tokens/  the pretraining corpus as token shards
-    runs/<name>/base/ sft/ reward/        stages 1, 2, 3a (Hugging Face folders)
-    runs/<name>/checkpoints/<stage>/      resumable Ray Train state
+    runs/<name>/base/ sft/ reward/ rlhf/  stages 1, 2, 3a, 3b (Hugging Face folders)
+    runs/<name>/checkpoints/<stage>/      resumable Ray Train state (ppo: see rl/ppo.py)
     runs/<name>/metrics/<stage>.jsonl     one JSON object per step
 """
 
@@ -168,8 +168,34 @@ def train_model(cfg: RunConfig, stage: str) -> None:
     log(stage, f"done in {time.perf_counter() - start:.0f}s ({summary}) -> {out}")
 
 
+def train_rlhf(cfg: RunConfig) -> None:
+    """PPO from sft/ against the reward; skipped when rlhf/ is complete."""
+    out = cfg.run_dir / "rlhf"
+    if out.exists():
+        log("ppo", f"{out} exists, skipped")
+        return
+    connect(cfg.cluster)
+    from rlhf_ray.rl.ppo import run_ppo  # imports vLLM, which the other stages do not need
+
+    files = data_files(cfg)
+    start = time.perf_counter()
+    run_ppo(cfg, files["rl"], files["rl_eval"], log=lambda message: log("ppo", message))
+    log("ppo", f"done in {time.perf_counter() - start:.0f}s -> {out}")
+
+
+def ppo_before_after(metrics: Path) -> dict:
+    """The first and the last held-out evaluation of a PPO run (step 0 is the SFT model)."""
+    evals = [m for m in map(json.loads, metrics.read_text().splitlines()) if "eval_reward_greedy" in m]
+    if not evals:
+        return {}
+    keys = [k for k in evals[0] if k.startswith("eval_")]
+    return {k.removeprefix("eval_"): {"before": evals[0][k], "after": evals[-1][k]} for k in keys
+            } | {"steps": {"before": evals[0]["step"], "after": evals[-1]["step"]}}
+
+
 def report_models(cfg: RunConfig) -> dict:
-    """Show what base/ and sft/ do with the demo question; exact match of sft/ on held-out prompts."""
+    """What base/, sft/ and rlhf/ do with the demo question; held-out exact match and PPO's
+    before/after on held-out prompts."""
     from rlhf_ray import evaluate
 
     report: dict = {}
@@ -189,6 +215,22 @@ def report_models(cfg: RunConfig) -> dict:
             result = evaluate.exact_match(sft, read_many(held_out, PromptRecord))
             report["sft"]["held_out_exact_match"] = asdict(result)
             log("eval", f"sft exact match on {result.count} held-out prompts: {result.rate:.0%}")
+    rlhf = cfg.run_dir / "rlhf"
+    if rlhf.exists():
+        reply = evaluate.chat_replies(rlhf, [[Message(role="user", content=question)]])[0]
+        report["rlhf"] = {"question": question, "reply": reply}
+        log("eval", f"rlhf answers {question!r} with: {reply!r}")
+        held_out = data_files(cfg)["rl_eval"]
+        if held_out:
+            result = evaluate.exact_match(rlhf, read_many(held_out, PromptRecord))
+            report["rlhf"]["held_out_exact_match"] = asdict(result)
+            log("eval", f"rlhf exact match on {result.count} held-out prompts: {result.rate:.0%}")
+        ppo_metrics = cfg.run_dir / "metrics" / "ppo.jsonl"
+        if ppo_metrics.exists() and (comparison := ppo_before_after(ppo_metrics)):
+            report["rlhf"]["held_out_before_after_ppo"] = comparison
+            log("eval", "held-out, SFT -> RLHF: " + ", ".join(
+                f"{k} {v['before']:.3g} -> {v['after']:.3g}" for k, v in comparison.items()
+                if k in ("reward_greedy", "reward_sampled", "kl", "exact_match")))
     metrics = cfg.run_dir / "metrics" / "reward.jsonl"
     if metrics.exists():
         final = json.loads(metrics.read_text().splitlines()[-1])
@@ -208,5 +250,6 @@ def run_pipeline(cfg: RunConfig) -> Path:
     make_tokenizer(cfg)
     for stage in ("pretrain", "sft", "reward"):
         train_model(cfg, stage)
+    train_rlhf(cfg)
     report_models(cfg)
     return run_dir

@@ -304,7 +304,11 @@ def conversations(countries: list[Country], cfg: DemoDataConfig) -> list[Row]:
 # Response kinds, best first; a ranked list is always in this order. A terse answer is right but
 # unhelpful; rambling at least may bury the fact; evasion is honest; repeating the question (what
 # a base model does) answers nothing; a confidently wrong fact is worst.
-QUALITY = ("correct", "terse", "rambling", "evasive", "repeating", "wrong")
+QUALITY = ("correct", "terse", "rambling", "evasive", "off_topic", "other_country", "repeating",
+           "wrong")
+# What a policy drifts to once it learns what the RM likes in general (fluent, confident, true):
+# a true answer to another question, or about another country. Many pairs teach the RM relevance.
+DRIFT = ("off_topic", "other_country")
 
 EVASIONS = [
     "I'm not sure, you could look that up.",
@@ -353,6 +357,12 @@ def response(
         return rng.choice(EVASIONS)
     if kind == "wrong":
         return STATEMENTS[attribute][0].format(n=country.name, v=wrong_fact(country, attribute, pool, rng))
+    if kind == "off_topic":
+        return answer(country, rng.choice([a for a in ATTRIBUTES if a != attribute]), rng)
+    if kind == "other_country":  # one whose fact differs: "France uses the euro" fits Germany
+        right = fact(country, attribute)
+        differs = [c for c in others_in(pool, country) if fact(c, attribute) != right]
+        return answer(rng.choice(differs or others_in(pool, country)), attribute, rng)
     if kind == "repeating":
         other = rng.choice(others_in(pool, country))
         also = rng.choice([a for a in ATTRIBUTES if a != attribute])
@@ -385,7 +395,7 @@ def comparison(country: Country, pool: list[Country], rng: random.Random) -> Row
     attribute = rng.choice(ATTRIBUTES)
     asked = question(country, attribute, rng)
     if rng.random() < 0.5:
-        kinds = ["correct", rng.choice(QUALITY[1:])]
+        kinds = ["correct", rng.choice(DRIFT) if rng.random() < 0.5 else rng.choice(QUALITY[1:])]
     else:
         kinds = sorted(["correct", *rng.sample(QUALITY[1:], rng.randint(2, 3))], key=QUALITY.index)
     texts = [response(kind, country, attribute, asked, pool, rng) for kind in kinds]

@@ -1,7 +1,8 @@
 """The math of PPO-style RLHF, as plain functions over tensors.
 
-Conventions: a batch of responses is a right-padded (B, T) tensor with a `mask` that is 1 on real
-response tokens and 0 on padding; a sequence's reward (B,) belongs to its last real token.
+Conventions: a batch of responses is a (B, T) tensor with a `mask` that is 1 on real response
+tokens and 0 elsewhere (padding, or the prompt before the response); a sequence's reward (B,)
+belongs to its last real token.
 """
 
 from __future__ import annotations
@@ -60,10 +61,11 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float,
     """r_t = -kl_coef * kl_t on every real token, plus the sequence score on the last real token."""
     mask = mask.to(kl.dtype)
     rewards = -kl_coef * kl * mask
-    lengths = mask.sum(1).long()
-    last = (lengths - 1).clamp(min=0)  # right padding: the last real token is at length - 1
-    bonus = torch.where(lengths > 0, scores.to(kl.dtype), torch.zeros_like(rewards[:, 0]))
-    return rewards.scatter_add(1, last[:, None], bonus[:, None])
+    # The last masked column of each row (the response may start after a prompt).
+    columns = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask > 0, columns, -1).max(1).values
+    bonus = torch.where(last >= 0, scores.to(kl.dtype), torch.zeros_like(rewards[:, 0]))
+    return rewards.scatter_add(1, last.clamp(min=0)[:, None], bonus[:, None])
 
 
 def clip_rewards(scores: torch.Tensor, limit: float) -> torch.Tensor:

@@ -5,17 +5,16 @@ quantities (logprobs, values, advantages, ...) are (B, T-1) and aligned with nex
 like labels: column t belongs to the token at t + 1, predicted from the tokens up to t.
 `response_mask` is 1 on the columns whose next token is a response token.
 
-No Ray in here: a later step wraps these classes with `ray.remote`.
+No Ray in here: `rl/actors.py` wraps these classes with `ray.remote`. `threads` sets torch's
+thread count in the process that hosts a role (a Ray actor's own process).
 """
 
 from __future__ import annotations
 
-import importlib
-import math
-import numbers
+import contextlib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -23,6 +22,7 @@ from rlhf_ray.config import Optim
 from rlhf_ray.modeling import load_policy, load_scalar_model, save_model
 from rlhf_ray.rl.algorithms import entropy_from_logits, masked_mean, ppo_policy_loss, value_loss
 from rlhf_ray.tokenizer import load_tokenizer
+from rlhf_ray.train.loop import uses_bf16
 from rlhf_ray.train.optim import make_optimizer
 
 if TYPE_CHECKING:  # rollout.py imports vLLM, which the trainer side does not need
@@ -124,6 +124,19 @@ def token_values(model: torch.nn.Module, sequences: torch.Tensor, attention_mask
     return model.score(hidden).squeeze(-1)[:, :-1].float()
 
 
+def _setup(device: str | torch.device | None, precision: str, threads: int | None
+           ) -> tuple[torch.device, bool]:
+    """The role's device and whether its forward passes run under bf16 autocast."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = torch.device(device) if device is not None else default_device()
+    return device, uses_bf16(precision, device)
+
+
+def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, torch.bfloat16, enabled=bf16)
+
+
 def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
     return make_optimizer(model, Optim(lr=lr, weight_decay=0.0, warmup_steps=0))
 
@@ -144,15 +157,37 @@ def _need(exp: Experience, *names: str) -> None:
 # --------------------------------------------------------------------------- roles
 
 
-class PolicyRole:
+class _Trainable:
+    """What the policy and value roles share: an AdamW optimizer and resumable state."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    tokenizer: object
+
+    def save(self, dest: Path) -> None:
+        """The model as a Hugging Face folder (with the tokenizer), written atomically."""
+        save_model(self.model, self.tokenizer, Path(dest))
+
+    def save_optimizer(self, path: Path) -> None:
+        torch.save(self.optimizer.state_dict(), Path(path))
+
+    def load_optimizer(self, path: Path) -> None:
+        self.optimizer.load_state_dict(torch.load(Path(path), map_location=self.device))
+
+    def ready(self) -> bool:
+        """True once constructed (lets a controller wait for an actor to start)."""
+        return True
+
+
+class PolicyRole(_Trainable):
     """The trained policy: logprobs, PPO updates, and its weights for the rollout engines."""
 
     def __init__(self, model_dir: Path, lr: float, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 precision: str = "float32", threads: int | None = None) -> None:
+        self.device, self.bf16 = _setup(device, precision, threads)
         self.model_dir = Path(model_dir)
-        self.device = torch.device(device) if device is not None else default_device()
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.model = load_policy(self.model_dir, dtype=dtype).to(self.device)
+        self.model = load_policy(self.model_dir).to(self.device)
         self.optimizer = _optimizer(self.model, lr)
 
     @torch.no_grad()
@@ -160,7 +195,8 @@ class PolicyRole:
         """The current policy's logprob (B, T-1) of every next token."""
         self.model.eval()
         exp = exp.to(self.device)
-        return sequence_logprobs(self.model, exp.sequences, exp.attention_mask)[0].cpu()
+        with _autocast(self.device, self.bf16):
+            return sequence_logprobs(self.model, exp.sequences, exp.attention_mask)[0].cpu()
 
     def update(self, exp: Experience, mini_batch_size: int, epochs: int, clip: float,
                entropy_coef: float = 0.0) -> dict[str, float]:
@@ -172,7 +208,8 @@ class PolicyRole:
         steps = 0
         for _ in range(epochs):
             for mb in exp.mini_batches(mini_batch_size):
-                logprobs, entropy = sequence_logprobs(self.model, mb.sequences, mb.attention_mask)
+                with _autocast(self.device, self.bf16):
+                    logprobs, entropy = sequence_logprobs(self.model, mb.sequences, mb.attention_mask)
                 loss, clip_fraction, approx_kl = ppo_policy_loss(
                     logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, clip)
                 mean_entropy = masked_mean(entropy, mb.response_mask)
@@ -187,19 +224,16 @@ class PolicyRole:
         """The weights under their Hugging Face names (tied lm_head included), on the CPU."""
         return {name: t.detach().cpu() for name, t in self.model.state_dict().items()}
 
-    def save(self, dest: Path) -> None:
-        save_model(self.model, self.tokenizer, Path(dest))
 
-
-class ValueRole:
+class ValueRole(_Trainable):
     """The critic: a scalar-head model (started from the reward model) read at every token."""
 
     def __init__(self, model_dir: Path, lr: float, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 precision: str = "float32", threads: int | None = None) -> None:
+        self.device, self.bf16 = _setup(device, precision, threads)
         self.model_dir = Path(model_dir)
-        self.device = torch.device(device) if device is not None else default_device()
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.model = load_scalar_model(self.model_dir, dtype=dtype).to(self.device)
+        self.model = load_scalar_model(self.model_dir).to(self.device)
         self.optimizer = _optimizer(self.model, lr)
 
     @torch.no_grad()
@@ -207,7 +241,8 @@ class ValueRole:
         """Values (B, T-1): column t is the value of the state before predicting token t + 1."""
         self.model.eval()
         exp = exp.to(self.device)
-        return token_values(self.model, exp.sequences, exp.attention_mask).cpu()
+        with _autocast(self.device, self.bf16):
+            return token_values(self.model, exp.sequences, exp.attention_mask).cpu()
 
     def update(self, exp: Experience, mini_batch_size: int, epochs: int,
                clip: float) -> dict[str, float]:
@@ -218,94 +253,50 @@ class ValueRole:
         total, steps = 0.0, 0
         for _ in range(epochs):
             for mb in exp.mini_batches(mini_batch_size):
-                values = token_values(self.model, mb.sequences, mb.attention_mask)
+                with _autocast(self.device, self.bf16):
+                    values = token_values(self.model, mb.sequences, mb.attention_mask)
                 loss = value_loss(values, mb.values, mb.returns, mb.response_mask, clip)
                 _step(self.model, self.optimizer, loss)
                 total += loss.item()
                 steps += 1
         return {"value_loss": total / max(steps, 1)}
 
-    def save(self, dest: Path) -> None:
-        save_model(self.model, self.tokenizer, Path(dest))
-
 
 class ReferenceRole:
     """The frozen starting policy, for the KL penalty."""
 
     def __init__(self, model_dir: Path, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
-        self.device = torch.device(device) if device is not None else default_device()
-        self.model = load_policy(Path(model_dir), dtype=dtype).to(self.device).eval()
+                 precision: str = "float32", threads: int | None = None) -> None:
+        self.device, self.bf16 = _setup(device, precision, threads)
+        self.model = load_policy(Path(model_dir)).to(self.device).eval()
         self.model.requires_grad_(False)
 
     @torch.no_grad()
     def logprobs(self, exp: Experience) -> torch.Tensor:
         exp = exp.to(self.device)
-        return sequence_logprobs(self.model, exp.sequences, exp.attention_mask)[0].cpu()
+        with _autocast(self.device, self.bf16):
+            return sequence_logprobs(self.model, exp.sequences, exp.attention_mask)[0].cpu()
+
+    def ready(self) -> bool:
+        return True
 
 
 class RewardModelRole:
     """The frozen reward model: one scalar per whole sequence (prompt + response)."""
 
     def __init__(self, model_dir: Path, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
-        self.device = torch.device(device) if device is not None else default_device()
-        self.model = load_scalar_model(Path(model_dir), dtype=dtype).to(self.device).eval()
+                 precision: str = "float32", threads: int | None = None) -> None:
+        self.device, self.bf16 = _setup(device, precision, threads)
+        self.model = load_scalar_model(Path(model_dir)).to(self.device).eval()
         self.model.requires_grad_(False)
 
     @torch.no_grad()
     def score(self, exp: Experience) -> torch.Tensor:
         """The score (B,) read at each sequence's last non-pad token."""
         exp = exp.to(self.device)
-        out = self.model(input_ids=exp.sequences, attention_mask=exp.attention_mask)
+        with _autocast(self.device, self.bf16):
+            out = self.model(input_ids=exp.sequences, attention_mask=exp.attention_mask)
         return out.logits[:, 0].float().cpu()
 
-
-# --------------------------------------------------------------------------- rule-based rewards
-
-
-def contains_answer(text: str, ground_truth: str | None) -> float:
-    """1.0 if the ground truth appears in the text, else 0.0 (0.0 without a ground truth)."""
-    return float(bool(ground_truth) and ground_truth in text)
-
-
-class FunctionReward:
-    """Scores responses with a Python function `(response_text, ground_truth) -> float`."""
-
-    def __init__(self, fn: Callable[[str, str | None], float]) -> None:
-        self.fn = fn
-        self.name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
-
-    @classmethod
-    def from_spec(cls, spec: str) -> FunctionReward:
-        """The function named 'module:function' (PPOConfig.reward_function)."""
-        module_name, _, attr = spec.partition(":")
-        if not module_name or not attr:
-            raise ValueError(f"reward function {spec!r}: expected 'module:function'")
-        fn = getattr(importlib.import_module(module_name), attr, None)
-        if not callable(fn):
-            raise ValueError(f"reward function {spec!r}: {module_name} has no function {attr!r}")
-        return cls(fn)
-
-    def score(self, texts: Sequence[str], ground_truths: Sequence[str | None] | None = None
-              ) -> torch.Tensor:
-        """The scores (B,) as float32; a ValueError names the function and the response index."""
-        if ground_truths is None:
-            ground_truths = [None] * len(texts)
-        if len(ground_truths) != len(texts):
-            raise ValueError(f"{len(texts)} responses but {len(ground_truths)} ground truths")
-        scores = []
-        for i, (text, truth) in enumerate(zip(texts, ground_truths)):
-            try:
-                value = self.fn(text, truth)
-            except Exception as e:
-                raise ValueError(f"reward function {self.name} raised on response {i}: "
-                                 f"{type(e).__name__}: {e}") from e
-            if not isinstance(value, numbers.Real):
-                raise ValueError(f"reward function {self.name} returned {value!r} for response "
-                                 f"{i}; expected a number")
-            if not math.isfinite(value):
-                raise ValueError(f"reward function {self.name} returned {value} for response {i}; "
-                                 f"expected a finite number")
-            scores.append(float(value))
-        return torch.tensor(scores, dtype=torch.float32)
+    def ready(self) -> bool:
+        return True

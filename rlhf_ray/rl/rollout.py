@@ -49,13 +49,23 @@ class RolloutEngine:
     """A vLLM engine on the policy folder whose weights the trainer replaces between updates."""
 
     def __init__(self, model_dir: Path, max_model_len: int, memory_fraction: float = 0.1,
-                 seed: int = 0, dtype: str = "float32") -> None:
+                 seed: int = 0, dtype: str = "float32", tensor_parallel_size: int = 1,
+                 weight_version: int = 0) -> None:
         # memory_fraction is vLLM's gpu_memory_utilization: on the CPU build the fraction of the
-        # NUMA node's memory reserved for the KV cache.
+        # NUMA node's memory reserved for the KV cache. Tensor parallelism runs vLLM's own worker
+        # processes over the GPUs Ray gave this engine (one node).
         self.stop_ids = list(load_tokenizer(Path(model_dir)).stop_ids)
         self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len,
                        gpu_memory_utilization=memory_fraction, seed=seed, enforce_eager=True,
+                       tensor_parallel_size=tensor_parallel_size,
+                       distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
                        worker_extension_cls=EXTENSION)
+        if weight_version:
+            self.llm.collective_rpc("set_weight_version", args=(weight_version,))
+
+    def ready(self) -> bool:
+        """True once the engine is up (lets a controller wait for an actor to start)."""
+        return True
 
     @property
     def weight_version(self) -> int:

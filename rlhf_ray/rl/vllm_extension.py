@@ -26,3 +26,8 @@ class WeightSyncExtension:
 
     def get_weight_version(self) -> int:
         return self.weight_version
+
+    def set_weight_version(self, version: int) -> int:
+        """Name the weights the engine was started from (e.g. a resumed PPO checkpoint's step)."""
+        self.weight_version = version
+        return version

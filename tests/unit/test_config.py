@@ -103,7 +103,7 @@ def test_missing_file_is_named(tmp_path):
 
 def test_overrides_set_dotted_keys_and_are_validated(tmp_path):
     path = _write(tmp_path, "name: x\n")
-    cfg = load_config(path, ["pretrain.steps=7", "ppo.estimator=grpo", "data.demo=null"])
+    cfg = load_config(path, ["pretrain.steps=7", "ppo.estimator=grpo", "ppo.samples_per_prompt=4", "data.demo=null"])
     assert cfg.pretrain.steps == 7 and cfg.ppo.estimator == "grpo" and cfg.data.demo is None
     with pytest.raises(ConfigError, match="override 'pretrain.steps=-3': pretrain.steps"):
         load_config(path, ["pretrain.steps=-3"])

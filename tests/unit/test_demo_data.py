@@ -150,9 +150,11 @@ def test_comparisons_prefer_the_correct_answer(demo: dict[str, Path]) -> None:
                 assert 3 <= len(record["responses"]) <= 4
                 assert len(set(record["responses"])) == len(record["responses"])
     assert pairs > 0 and ranked > 0
-    france = next(r for r in rows(demo["reward"]) if r["prompt"] == "What is the capital of France?")
-    best = france.get("chosen") or france["responses"][0]
-    assert "Paris" in best and best.endswith(".")
+    france = [r for r in rows(demo["reward"]) if "capital of France" in r["prompt"]]
+    assert france
+    for record in france:
+        best = record.get("chosen") or record["responses"][0]
+        assert "Paris" in best and best.endswith(".")
 
 
 def test_rl_ground_truth_is_written_next_to_its_country_in_pretraining(demo: dict[str, Path]) -> None:

@@ -98,6 +98,14 @@ def test_token_rewards_penalise_every_real_token_and_add_the_score_at_the_last()
     close(token_rewards(scores, kl, 0.1, mask), t([-0.01, -0.02, 0.97], [-0.05, 2.05, 0.0]))
 
 
+def test_token_rewards_find_the_last_response_token_after_a_prompt():
+    kl = t([0.0, 0.1, 0.2, 0.0], [0.0, 0.0, 0.3, 0.0])
+    mask = t([0, 1, 1, 0], [0, 0, 1, 0])  # prompts of 1 and 2 columns, then padding
+    close(token_rewards(t(1.0, 2.0), kl, 0.1, mask), t([0, -0.01, 0.98, 0], [0, 0, 1.97, 0]))
+    # A row without response tokens gets nothing.
+    close(token_rewards(t(5.0), t([0.1, 0.1]), 0.1, t([0, 0])), t([0.0, 0.0]))
+
+
 def test_clip_rewards():
     close(clip_rewards(t(-20, -3, 0, 5, 11), 10.0), [-10, -3, 0, 5, 10])
 

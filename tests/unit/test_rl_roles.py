@@ -9,15 +9,14 @@ from rlhf_ray.modeling import load_policy, load_scalar_model
 from rlhf_ray.rl.algorithms import masked_mean, value_loss
 from rlhf_ray.rl.roles import (
     Experience,
-    FunctionReward,
     PolicyRole,
     ReferenceRole,
     RewardModelRole,
     ValueRole,
-    contains_answer,
     pack_rollouts,
     sequence_logprobs,
 )
+from rlhf_ray.rl.rewards import FunctionReward, contains_answer
 from rlhf_ray.rl.rollout import Rollout
 
 
@@ -183,7 +182,7 @@ def test_contains_answer():
 
 
 def test_function_reward_from_spec():
-    reward = FunctionReward.from_spec("rlhf_ray.rl.roles:contains_answer")
+    reward = FunctionReward.from_spec("rlhf_ray.rl.rewards:contains_answer")
     assert reward.score(["a 42"], ["42"]).tolist() == [1.0]
     with pytest.raises(ValueError, match="module:function"):
         FunctionReward.from_spec("no_colon")

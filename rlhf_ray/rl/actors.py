@@ -1,0 +1,115 @@
+"""The PPO roles as Ray actors, placed together in one placement group.
+
+Each actor is `ray.remote` of a plain class from `roles.py` or `rollout.py`; this module adds only
+where they run. All bundles are reserved at once, so a job never holds half of its roles while
+it waits for the rest, and an autoscaler sees the whole demand; if the cluster cannot provide
+them within `placement_timeout_s`, the error says what was asked and what the cluster has.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf_ray.config import PPOConfig, RoleResources
+from rlhf_ray.rl.roles import PolicyRole, ReferenceRole, RewardModelRole, ValueRole
+from rlhf_ray.rl.rollout import RolloutActor
+
+PolicyActor = ray.remote(PolicyRole)
+ValueActor = ray.remote(ValueRole)
+ReferenceActor = ray.remote(ReferenceRole)
+RewardActor = ray.remote(RewardModelRole)
+
+
+# vLLM's per-request INFO lines and transformers' progress bars would bury the controller's own
+# one line per step in the driver's log.
+QUIET = {"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                      "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}}
+
+
+def threads(res: RoleResources) -> int:
+    return res.threads if res.threads is not None else max(1, round(res.num_cpus))
+
+
+def bundle(res: RoleResources, gpus_multiplier: int = 1) -> dict[str, float]:
+    b = {"CPU": res.num_cpus}
+    if res.num_gpus:
+        b["GPU"] = res.num_gpus * gpus_multiplier
+    return b
+
+
+@dataclass
+class Placement:
+    """One placement group; `options(role, ...)` schedules an actor into that role's bundle."""
+
+    group: PlacementGroup
+    index: dict[str, int] = field(default_factory=dict)
+
+    def options(self, role: str, res: RoleResources) -> dict[str, Any]:
+        return {
+            "num_cpus": res.num_cpus,
+            "num_gpus": res.num_gpus,
+            "runtime_env": QUIET,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=self.group, placement_group_bundle_index=self.index[role]),
+        }
+
+    def remove(self) -> None:
+        remove_placement_group(self.group)
+
+
+def reserve(ppo: PPOConfig, roles: list[str]) -> Placement:
+    """Reserve a bundle per role ('rollout0', 'rollout1', ..., 'policy', ...) and wait for them."""
+    res = ppo.resources
+    bundles, index = [], {}
+    for role in roles:
+        index[role] = len(bundles)
+        if role.startswith("rollout"):
+            bundles.append(bundle(res.rollout, res.tensor_parallel_size))
+        else:
+            bundles.append(bundle(getattr(res, role)))
+    group = placement_group(bundles, strategy=res.placement_strategy, name="")
+    start = time.monotonic()
+    ready = group.ready()
+    while True:
+        done, _ = ray.wait([ready], timeout=min(30.0, ppo.resources.placement_timeout_s))
+        if done:
+            return Placement(group, index)
+        waited = time.monotonic() - start
+        asked = " + ".join(f"{r} {b}" for r, b in zip(roles, bundles))
+        message = (f"PPO roles waiting {waited:.0f}s for resources: {asked} "
+                   f"(strategy {res.placement_strategy}); the cluster has "
+                   f"{ray.cluster_resources()}, free now {ray.available_resources()}")
+        if waited >= ppo.resources.placement_timeout_s:
+            remove_placement_group(group)
+            raise RuntimeError(message + f"; gave up after placement_timeout_s="
+                               f"{ppo.resources.placement_timeout_s:g}")
+        print(f"[ppo] {message}", flush=True)
+
+
+def start_rollout(placement: Placement, role: str, ppo: PPOConfig, model_dir: Path,
+                  max_model_len: int, seed: int, version: int) -> Any:
+    res = ppo.resources.rollout
+    options = placement.options(role, res)
+    options["num_gpus"] = res.num_gpus * ppo.resources.tensor_parallel_size
+    return RolloutActor.options(**options).remote(
+        model_dir, max_model_len=max_model_len, memory_fraction=ppo.vllm_memory_fraction,
+        seed=seed, dtype=ppo.rollout_dtype, tensor_parallel_size=ppo.resources.tensor_parallel_size,
+        weight_version=version)
+
+
+def start_role(placement: Placement, role: str, ppo: PPOConfig, model_dir: Path,
+               lr: float | None = None) -> Any:
+    res: RoleResources = getattr(ppo.resources, role)
+    actor_class = {"policy": PolicyActor, "value": ValueActor, "reference": ReferenceActor,
+                   "reward": RewardActor}[role]
+    kwargs: dict[str, Any] = {"precision": ppo.precision, "threads": threads(res)}
+    if lr is not None:
+        kwargs["lr"] = lr
+    return actor_class.options(**placement.options(role, res)).remote(model_dir, **kwargs)

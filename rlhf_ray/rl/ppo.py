@@ -1,0 +1,446 @@
+"""Stage 3b: PPO against the reward, driven by one controller over Ray actors.
+
+One step:  rollout (vLLM engines, current weights)  ->  experience (old policy logprobs,
+reference logprobs, values and rewards, computed by their actors in parallel)  ->  advantages
+(GAE, or a GRPO/RLOO group baseline) on the controller  ->  PPO epochs of the policy and value
+actors in parallel  ->  weight sync into every engine, under a new version number.
+
+The controller holds no model; it moves `Experience` batches between actors through Ray's object
+store. The prompts of a step are a pure function of (seed, step), so a checkpoint's step is also
+its data position:
+
+    runs/<name>/checkpoints/ppo/step_000010/   policy/ value/ *_optim.pt state.json
+    runs/<name>/metrics/ppo.jsonl              one line per step (step 0: the SFT model's eval)
+    runs/<name>/rlhf/                          the final policy, a Hugging Face folder
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from rlhf_ray.config import PPOConfig, RunConfig
+from rlhf_ray.data.readers import RecordError, read_many
+from rlhf_ray.data.records import PromptRecord
+from rlhf_ray.modeling import check_model_folder
+from rlhf_ray.rl import actors
+from rlhf_ray.rl.algorithms import (
+    KLController,
+    clip_rewards,
+    gae,
+    group_advantages,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+    token_rewards,
+    unfinished_penalty,
+)
+from rlhf_ray.rl.rewards import FunctionReward, HTTPReward, contains_answer
+from rlhf_ray.rl.roles import Experience, pack_rollouts
+from rlhf_ray.rl.rollout import Rollout
+from rlhf_ray.storage import atomic_folder, write_json_atomic
+from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer
+from rlhf_ray.train.loop import append_metrics, keep_metrics_before
+
+Log = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+@dataclass
+class Prompt:
+    ids: list[int]  # the rendered chat, ending where the assistant's reply begins
+    text: str  # the last user message
+    ground_truth: str | None
+
+
+def load_prompts(paths: list[Path], tokenizer: ChatTokenizer, max_new_tokens: int,
+                 max_seq_len: int, kind: str) -> list[Prompt]:
+    """Render every prompt; a prompt that leaves no room for max_new_tokens is an error (file:line)."""
+    if not paths:
+        raise ValueError(f"no {kind} prompt files: set data.{kind} (or data.demo)")
+    records = read_many(paths, PromptRecord)  # an empty file is already an error there
+    prompts, problems = [], []
+    for r in records:
+        ids = tokenizer.render_prompt(r.prompt)
+        if len(ids) + max_new_tokens > max_seq_len:
+            problems.append(f"{r.where}: prompt: {len(ids)} tokens + ppo.max_new_tokens "
+                            f"{max_new_tokens} exceed the model's context of {max_seq_len}")
+        prompts.append(Prompt(ids, r.prompt[-1].content, r.ground_truth))
+    if problems:
+        raise RecordError(problems)
+    return prompts
+
+
+def step_prompts(num_prompts: int, per_step: int, seed: int, step: int) -> list[int]:
+    """Indices of the prompts of `step`: epochs of seeded permutations, read in order."""
+    indices: list[int] = []
+    position = step * per_step
+    while len(indices) < per_step:
+        epoch, offset = divmod(position, num_prompts)
+        order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(per_step - len(indices), num_prompts - offset)
+        indices += order[offset : offset + take].tolist()
+        position += take
+    return indices
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+def compute_advantages(exp: Experience, scores: torch.Tensor, ppo: PPOConfig, kl_coef: float
+                       ) -> dict[str, float]:
+    """Fill exp.advantages (and exp.returns for GAE) from the sequence scores; return statistics.
+
+    GAE: the KL penalty is a per-token reward, the score is added at the last token, advantages
+    are whitened over the batch. GRPO/RLOO: the sequence's KL sum is subtracted from its score
+    before the group baseline, and every token of a response gets the response's advantage.
+    """
+    mask = exp.response_mask.float()
+    kl = kl_penalty(exp.old_logprobs, exp.ref_logprobs, ppo.kl_estimator) * mask
+    shaped = clip_rewards(unfinished_penalty(scores, exp.finished, ppo.unfinished_penalty),
+                          ppo.reward_clip)
+    if ppo.estimator == "gae":
+        rewards = token_rewards(shaped, kl, kl_coef, mask)
+        advantages, returns = gae(rewards, exp.values, mask, ppo.gamma, ppo.lam)
+        exp.advantages, exp.returns = masked_whiten(advantages, mask), returns
+    else:
+        per_sequence = group_advantages(shaped - kl_coef * kl.sum(1), ppo.samples_per_prompt,
+                                        ppo.estimator)
+        exp.advantages = per_sequence[:, None] * mask
+    return {"kl": kl.sum(1).mean().item(), "shaped_reward_mean": shaped.mean().item()}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint (hidden temporary folders are not complete)."""
+    done = sorted(p for p in folder.glob("step_*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def model_max_len(model_dir: Path) -> int:
+    return int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
+
+
+# --------------------------------------------------------------------------- the controller
+
+
+class PPOTrainer:
+    """Starts the actors (resuming from the newest checkpoint) and runs steps, evals and saves."""
+
+    def __init__(self, cfg: RunConfig, train_files: list[Path], eval_files: list[Path],
+                 log: Log = print) -> None:
+        self.cfg, self.ppo, self.log = cfg, cfg.ppo, log
+        run = cfg.run_dir
+        self.sft_dir, self.reward_dir = run / "sft", run / "reward"
+        self.checkpoints = run / "checkpoints" / "ppo"
+        check_model_folder(self.sft_dir)
+        ppo = self.ppo
+        if ppo.reward_source == "model":
+            check_model_folder(self.reward_dir)
+
+        self.tokenizer = load_tokenizer(self.sft_dir)
+        self.max_len = model_max_len(self.sft_dir)
+        self.prompts = load_prompts(train_files, self.tokenizer, ppo.max_new_tokens, self.max_len, "rl")
+        self.eval_prompts = (load_prompts(eval_files, self.tokenizer, ppo.max_new_tokens,
+                                          self.max_len, "rl_eval")[: ppo.eval_max_prompts]
+                             if eval_files else [])
+        self.reward_fn: FunctionReward | HTTPReward | None = None
+        if ppo.reward_source == "function":
+            self.reward_fn = FunctionReward.from_spec(ppo.reward_function or "")
+        elif ppo.reward_source == "http":
+            self.reward_fn = HTTPReward(ppo.reward_url or "")
+
+        checkpoint = latest_checkpoint(self.checkpoints)
+        state = json.loads((checkpoint / "state.json").read_text()) if checkpoint else {}
+        self.start_step = int(state.get("step", 0))
+        self.version = self.start_step  # weight version = the number of updates in the weights
+        self.kl = KLController(state.get("kl_coef", ppo.kl_coef), ppo.kl_target)
+        self.restarts_left = ppo.engine_restarts
+        policy_dir = checkpoint / "policy" if checkpoint else self.sft_dir
+        value_dir = (checkpoint / "value" if checkpoint
+                     else self.reward_dir if self.reward_dir.exists() else self.sft_dir)
+
+        self.uses_value = ppo.estimator == "gae"
+        roles = [f"rollout{i}" for i in range(ppo.num_rollout_engines)] + ["policy", "reference"]
+        roles += ["value"] * self.uses_value + ["reward"] * (ppo.reward_source == "model")
+        if not ray.is_initialized():
+            raise RuntimeError("PPOTrainer needs a connected Ray (rlhf_ray.cluster.connect)")
+        self.placement = actors.reserve(ppo, roles)
+        self.engines: list[Any] = []
+        self.policy = self.reference = self.value = self.reward_model = None
+        try:
+            self.engines = [self._start_engine(i, policy_dir, self.version)
+                            for i in range(ppo.num_rollout_engines)]
+            self.policy = actors.start_role(self.placement, "policy", ppo, policy_dir, ppo.policy_lr)
+            self.reference = actors.start_role(self.placement, "reference", ppo, self.sft_dir)
+            if self.uses_value:
+                self.value = actors.start_role(self.placement, "value", ppo, value_dir, ppo.value_lr)
+            if ppo.reward_source == "model":
+                self.reward_model = actors.start_role(self.placement, "reward", ppo, self.reward_dir)
+            ray.get([a.ready.remote() for a in self._actors()])  # construction errors surface here
+            if checkpoint:
+                ray.get([self.policy.load_optimizer.remote(checkpoint / "policy_optim.pt")]
+                        + ([self.value.load_optimizer.remote(checkpoint / "value_optim.pt")]
+                           if self.value else []))
+        except BaseException:
+            self.close()
+            raise
+        if checkpoint:
+            log(f"resumed from {checkpoint} (step {self.start_step}, kl_coef {self.kl.value:.4g})")
+
+    def _actors(self) -> list[Any]:
+        return [a for a in [*self.engines, self.policy, self.reference, self.value,
+                            self.reward_model] if a is not None]
+
+    def _start_engine(self, index: int, model_dir: Path, version: int) -> Any:
+        return actors.start_rollout(self.placement, f"rollout{index}", self.ppo, model_dir,
+                                    self.max_len, seed=self.cfg.seed + index, version=version)
+
+    # ----------------------------------------------------------------------- rollouts
+
+    def generate(self, prompts: list[list[int]], temperature: float, seed: int) -> list[Rollout]:
+        """Spread the prompts over the engines; a dead engine is restarted and re-synced once."""
+        for attempt in range(2):
+            share = -(-len(prompts) // len(self.engines))
+            calls = [engine.generate.remote(prompts[i * share : (i + 1) * share],
+                                            self.ppo.max_new_tokens, temperature, self.ppo.top_p,
+                                            self.version, seed + i * share)
+                     for i, engine in enumerate(self.engines) if prompts[i * share : (i + 1) * share]]
+            try:
+                results = ray.get(calls, timeout=self.ppo.rollout_timeout_s)
+                return [r for chunk in results for r in chunk]
+            except GetTimeoutError:
+                raise RuntimeError(f"rollouts took longer than ppo.rollout_timeout_s="
+                                   f"{self.ppo.rollout_timeout_s:g}") from None
+            except RayActorError as e:
+                if attempt or self.restarts_left == 0:
+                    raise RuntimeError(f"a rollout engine died and ppo.engine_restarts="
+                                       f"{self.ppo.engine_restarts} are used up: {e}") from None
+                self.restart_dead_engines()
+        raise AssertionError("unreachable")
+
+    def restart_dead_engines(self) -> None:
+        """Replace every engine that no longer answers, and give it the current weights."""
+        for i, engine in enumerate(self.engines):
+            try:
+                ray.get(engine.ready.remote(), timeout=60)
+                continue
+            except (RayActorError, GetTimeoutError):
+                pass
+            self.restarts_left -= 1
+            self.log(f"rollout engine {i} died; restarting it with weight version {self.version}")
+            ray.kill(engine)
+            self.engines[i] = self._start_engine(i, self.sft_dir, 0)
+            ray.get(self.engines[i].load_weights.remote(self.policy.state_dict.remote(),
+                                                        self.version))
+
+    def sync_weights(self) -> None:
+        """Send the policy's weights to every engine as the next version."""
+        self.version += 1
+        state = self.policy.state_dict.remote()  # fetched from the policy once, shared by all
+        ray.get([e.load_weights.remote(state, self.version) for e in self.engines])
+
+    # ----------------------------------------------------------------------- scoring
+
+    def score(self, exp_ref: Any, rollouts: list[Rollout], prompts: list[Prompt]) -> Any:
+        """The sequence scores (B,), or an ObjectRef of them when the reward model computes them."""
+        if self.reward_model is not None:
+            return self.reward_model.score.remote(exp_ref)
+        assert self.reward_fn is not None
+        texts = [self.response_text(r) for r in rollouts]
+        return self.reward_fn.score(texts, [p.ground_truth for p in prompts],
+                                    [p.text for p in prompts])
+
+    def response_text(self, rollout: Rollout) -> str:
+        ids = rollout.response_ids
+        if rollout.finish_reason == "stop" and ids and ids[-1] in self.tokenizer.stop_ids:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids)
+
+    # ----------------------------------------------------------------------- one step
+
+    def step(self, step: int) -> dict[str, Any]:
+        """Rollout, experience, update and sync for `step` (0-based); its metrics."""
+        ppo = self.ppo
+        t0 = time.perf_counter()
+        chosen = [self.prompts[i] for i in step_prompts(len(self.prompts), ppo.prompts_per_step,
+                                                        self.cfg.seed, step)]
+        batch = [p for p in chosen for _ in range(ppo.samples_per_prompt)]  # group after group
+        rollouts = self.generate([p.ids for p in batch], ppo.temperature,
+                                 seed=(self.cfg.seed * 1_000_003 + step) * 65_536)
+        t1 = time.perf_counter()
+
+        exp = pack_rollouts(rollouts, self.tokenizer.pad_id)
+        exp_ref = ray.put(exp)
+        recompute = ppo.old_logprobs == "policy"
+        calls = {"ref_logprobs": self.reference.logprobs.remote(exp_ref)}
+        if recompute:
+            calls["old_logprobs"] = self.policy.logprobs.remote(exp_ref)
+        if self.value is not None:
+            calls["values"] = self.value.values.remote(exp_ref)
+        scores = self.score(exp_ref, rollouts, batch)
+        if isinstance(scores, ray.ObjectRef):
+            calls["scores"] = scores
+        results = dict(zip(calls, ray.get(list(calls.values()))))
+        exp.ref_logprobs = results["ref_logprobs"]
+        exp.old_logprobs = results["old_logprobs"] if recompute else exp.sample_logprobs
+        exp.values = results.get("values")
+        scores = results.get("scores", scores)
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"the reward model returned non-finite scores at step {step}: "
+                             f"{scores.tolist()}")
+        stats = compute_advantages(exp, scores, ppo, self.kl.value)
+        t2 = time.perf_counter()
+
+        exp_ref = ray.put(exp)
+        updates = [self.policy.update.remote(exp_ref, ppo.mini_batch_size, ppo.ppo_epochs,
+                                             ppo.clip_ratio, ppo.entropy_coef)]
+        if self.value is not None:
+            updates.append(self.value.update.remote(exp_ref, ppo.mini_batch_size, ppo.ppo_epochs,
+                                                    ppo.value_clip))
+        losses: dict[str, float] = {}
+        for result in ray.get(updates):
+            losses.update(result)
+        t3 = time.perf_counter()
+        self.sync_weights()
+        t4 = time.perf_counter()
+
+        kl_coef = self.kl.value
+        self.kl.update(stats["kl"], len(batch))
+        mask = exp.response_mask.float()
+        lengths = mask.sum(1)
+        generated = int(lengths.sum().item())
+        metrics = {
+            "step": step + 1,
+            "reward_mean": scores.mean().item(),
+            "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+            **stats,
+            "kl_coef": kl_coef,
+            **losses,
+            "response_length": lengths.mean().item(),
+            "truncated_fraction": 1.0 - exp.finished.float().mean().item(),
+            "time_generate": t1 - t0,
+            "time_experience": t2 - t1,
+            "time_train": t3 - t2,
+            "time_sync": t4 - t3,
+            "rollout_tokens_per_s": generated / max(t1 - t0, 1e-9),
+            "weight_version": self.version,
+        }
+        if recompute:  # how far vLLM's sampling logprobs are from the trainer's, per token
+            metrics["logprob_mismatch"] = masked_mean(
+                (exp.sample_logprobs - exp.old_logprobs).abs(), mask).item()
+        return metrics
+
+    # ----------------------------------------------------------------------- eval and saving
+
+    def evaluate(self) -> dict[str, float]:
+        """On held-out prompts: greedy replies (reward, exact match) and one sample each (reward, KL)."""
+        if not self.eval_prompts:
+            return {}
+        prompts = self.eval_prompts
+        result: dict[str, float] = {}
+        for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+            rollouts = self.generate([p.ids for p in prompts], temperature, seed=self.cfg.seed)
+            exp = pack_rollouts(rollouts, self.tokenizer.pad_id)
+            exp_ref = ray.put(exp)
+            scores = self.score(exp_ref, rollouts, prompts)
+            if isinstance(scores, ray.ObjectRef):
+                scores = ray.get(scores)
+            mask = exp.response_mask.float()
+            result[f"eval_reward_{name}"] = scores.mean().item()
+            result[f"eval_length_{name}"] = mask.sum(1).mean().item()
+            if name == "greedy":
+                texts = [self.response_text(r) for r in rollouts]
+                scored = [(t, p.ground_truth) for t, p in zip(texts, prompts) if p.ground_truth]
+                if scored:
+                    result["eval_exact_match"] = sum(contains_answer(t, g) for t, g in scored) / len(scored)
+            else:  # the k1 estimate is unbiased only on the policy's own samples
+                policy_lp, ref_lp = ray.get([self.policy.logprobs.remote(exp_ref),
+                                             self.reference.logprobs.remote(exp_ref)])
+                result["eval_kl"] = ((policy_lp - ref_lp) * mask).sum(1).mean().item()
+        return result
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Everything a resume needs, written atomically; older checkpoints beyond the limit go."""
+        dest = self.checkpoints / f"step_{step:06d}"
+        with atomic_folder(dest, replace=True) as tmp:
+            calls = [self.policy.save.remote(tmp / "policy"),
+                     self.policy.save_optimizer.remote(tmp / "policy_optim.pt")]
+            if self.value is not None:
+                calls += [self.value.save.remote(tmp / "value"),
+                          self.value.save_optimizer.remote(tmp / "value_optim.pt")]
+            ray.get(calls)
+            write_json_atomic(tmp / "state.json", {"step": step, "kl_coef": self.kl.value,
+                                                   "weight_version": self.version})
+        for old in sorted(self.checkpoints.glob("step_*"))[: -self.ppo.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return dest
+
+    def export(self, dest: Path) -> None:
+        ray.get(self.policy.save.remote(Path(dest)))
+
+    def close(self) -> None:
+        """Stop the engines (vLLM's engine process too), the actors and the placement group."""
+        try:
+            ray.get([e.shutdown.remote() for e in self.engines], timeout=60)
+        except (RayActorError, GetTimeoutError):
+            pass
+        for actor in self._actors():
+            ray.kill(actor)
+        self.placement.remove()
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def progress(step: int, steps: int, m: dict[str, Any], width: int = 20) -> str:
+    done = round(width * step / steps)
+    line = (f"step {step}/{steps} [{'#' * done}{'.' * (width - done)}] "
+            f"reward {m['reward_mean']:.3f}±{m['reward_std']:.3f} kl {m['kl']:.3f} "
+            f"len {m['response_length']:.1f} clip {m['clip_fraction']:.2f} | "
+            f"gen {m['time_generate']:.1f}s exp {m['time_experience']:.1f}s "
+            f"train {m['time_train']:.1f}s sync {m['time_sync']:.2f}s "
+            f"({m['rollout_tokens_per_s']:.0f} tok/s)")
+    if "eval_reward_greedy" in m:
+        line += (f" | eval reward {m['eval_reward_greedy']:.3f} kl {m['eval_kl']:.3f}"
+                 + (f" exact {m['eval_exact_match']:.0%}" if "eval_exact_match" in m else ""))
+    return line
+
+
+def run_ppo(cfg: RunConfig, train_files: list[Path], eval_files: list[Path],
+            log: Log = print) -> Path:
+    """Run (or resume) PPO to cfg.ppo.steps and export the policy to <run>/rlhf/."""
+    ppo = cfg.ppo
+    metrics_path = cfg.run_dir / "metrics" / "ppo.jsonl"
+    trainer = PPOTrainer(cfg, train_files, eval_files, log)
+    try:
+        start = trainer.start_step
+        keep_metrics_before(metrics_path, start if start else -1)  # a fresh start keeps nothing
+        if start == 0 and trainer.eval_prompts:
+            append_metrics(metrics_path, {"step": 0, **trainer.evaluate()})  # the SFT model
+        for step in range(start, ppo.steps):
+            metrics = trainer.step(step)
+            done = step + 1
+            if trainer.eval_prompts and (done % ppo.eval_every == 0 or done == ppo.steps):
+                metrics.update(trainer.evaluate())
+            if done % ppo.checkpoint_every == 0 or done == ppo.steps:
+                trainer.save_checkpoint(done)
+            append_metrics(metrics_path, {**metrics, "resumed_from": start})
+            log(progress(done, ppo.steps, metrics))
+        out = cfg.run_dir / "rlhf"
+        trainer.export(out)
+        return out
+    finally:
+        trainer.close()
