@@ -98,6 +98,7 @@ def trl_grpo_step_seconds(
     trainer.train()
     return {
         "seconds_per_step": statistics.mean(timer.seconds[1:]),
+        "step_seconds": timer.seconds[1:],  # each timed step, for a median
         "completions_per_step": batch,
         "completion_tokens_per_step": statistics.mean(tokens[1:]),
         "dtype": "bf16 autocast" if args.bf16 else "float32",

@@ -302,9 +302,10 @@ class PPOConfig(Section):
         "auto", description="Compute dtype of the policy/value/reference/reward forward passes "
         "(bf16 autocast, float32 weights); auto as in the training stages.",
     )
-    rollout_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="vLLM's dtype for rollouts. bfloat16 is faster on GPUs; its "
-        "logprobs then differ more from the trainer's (see logprob_mismatch in the metrics).",
+    rollout_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="vLLM's dtype for rollouts. auto: bfloat16 on a GPU, float32 on a CPU "
+        "(decided where the engine runs). bf16 logprobs differ more from the trainer's (see "
+        "logprob_mismatch in the metrics).",
     )
     old_logprobs: Literal["policy", "rollout"] = Field(
         "policy", description="Where PPO's old logprobs come from: a forward pass of the policy "

