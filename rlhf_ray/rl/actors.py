@@ -30,7 +30,7 @@ RewardActor = ray.remote(RewardModelRole)
 # vLLM's per-request INFO lines and transformers' progress bars would bury the controller's own
 # one line per step in the driver's log.
 QUIET = {"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                      "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}}
+                      "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1", "OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 def threads(res: RoleResources) -> int:

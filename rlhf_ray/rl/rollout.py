@@ -87,6 +87,10 @@ class RolloutEngine:
         reported = self.llm.collective_rpc("load_weights_bytes", args=(save(state), version))
         if any(v != version for v in reported):
             raise RuntimeError(f"weight sync to version {version} failed: workers report {reported}")
+        # Cached key/value blocks of earlier prompts were computed by the old weights: reusing
+        # them would mix two policies in one rollout (and its logprobs).
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("weight sync: vLLM could not reset its prefix cache")
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                  top_p: float, expected_version: int, seed: int | None = None) -> list[Rollout]:

@@ -8,7 +8,7 @@ import torch
 from rlhf_ray.modeling import load_policy
 from rlhf_ray.rl.rollout import RolloutActor, RolloutEngine, StaleWeightsError
 from rlhf_ray.tokenizer import load_tokenizer
-from tests.tiny import memorise
+from tests.tiny import FACTS as FACTS_TEXT, memorise
 
 pytestmark = pytest.mark.integration
 
@@ -18,7 +18,7 @@ NEW_FACTS = "The capital of France is Lyon. The capital of Peru is Cusco. The ca
 
 @pytest.fixture(scope="module")
 def engine(tiny_policy_dir):
-    engine = RolloutEngine(tiny_policy_dir, max_model_len=128)
+    engine = RolloutEngine(tiny_policy_dir, max_model_len=512)
     yield engine
     engine.shutdown()
 
@@ -113,12 +113,30 @@ def test_weight_sync_changes_generation_to_the_new_weights(engine, prompts, tiny
     assert _greedy(engine, prompts) == before
 
 
+def test_weight_sync_drops_cached_prompt_blocks_of_the_old_weights(engine, tiny_policy_dir):
+    """A prompt longer than a KV block (128 tokens on the CPU) is prefix-cached; after a sync the
+    cached keys/values of the old weights must not be reused."""
+    tokenizer = load_tokenizer(tiny_policy_dir)
+    long_prompt = [tokenizer.encode_document(" ".join([FACTS_TEXT] * 6) + " The capital of")]
+    assert len(long_prompt[0]) > 2 * 128
+    original = load_policy(tiny_policy_dir)
+    engine.load_weights(original.state_dict(), version=10)
+    assert _greedy(engine, long_prompt) == [_hf_greedy(original, long_prompt[0], 16)]  # cached now
+
+    model = load_policy(tiny_policy_dir)
+    memorise(model, torch.tensor([tokenizer.encode_document(NEW_FACTS)]), steps=30)
+    model.eval()
+    engine.load_weights(model.state_dict(), version=11)
+    assert _greedy(engine, long_prompt) == [_hf_greedy(model, long_prompt[0], 16)]
+    engine.load_weights(original.state_dict(), version=12)
+
+
 def test_rollout_actor_generates_under_ray(engine, prompts, tiny_policy_dir):
     # `engine` is requested only so that this test runs last and the fixture's engine is shared.
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(num_cpus=2, include_dashboard=False)
-    actor = RolloutActor.options(num_cpus=1).remote(tiny_policy_dir, max_model_len=128)
+    actor = RolloutActor.options(num_cpus=1).remote(tiny_policy_dir, max_model_len=512)
     try:
         rollouts = ray.get(actor.generate.remote(prompts, 16, 0.0, 1.0, 0), timeout=300)
         assert [r.response_ids for r in rollouts] == _greedy(engine, prompts)

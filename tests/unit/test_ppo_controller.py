@@ -102,6 +102,11 @@ def test_group_estimators_give_every_token_its_responses_advantage(estimator):
     assert exp.returns is None
 
 
+def test_rollout_engines_pick_their_own_threads():
+    with pytest.raises(ValueError, match="rollout.threads: vLLM binds its own CPU threads"):
+        PPOConfig(resources={"rollout": {"threads": 2}})
+
+
 def test_group_estimators_need_a_group():
     with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
         PPOConfig(estimator="grpo", samples_per_prompt=1)
