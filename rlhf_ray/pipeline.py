@@ -200,31 +200,25 @@ def report_models(cfg: RunConfig) -> dict:
 
     report: dict = {}
     question = evaluate.DEMO_QUESTION
-    base, sft = stages.base_dir(cfg), cfg.run_dir / "sft"
+    base = stages.base_dir(cfg)
     if base.exists():
         # A document line ends with its newline ("?\n" is one token; a bare "?" rarely ends a line).
         text = evaluate.continue_document(base, question + "\n")
         report["base"] = {"question": question, "continuation": text}
         log("eval", f"base continues the document {question!r} with: {text!r}")
-    if sft.exists():
-        reply = evaluate.chat_replies(sft, [[Message(role="user", content=question)]])[0]
-        report["sft"] = {"question": question, "reply": reply}
-        log("eval", f"sft answers {question!r} with: {reply!r}")
-        held_out = data_files(cfg)["rl_eval"]
+    held_out = data_files(cfg)["rl_eval"]
+    for stage in ("sft", "rlhf"):
+        folder = cfg.run_dir / stage
+        if not folder.exists():
+            continue
+        reply = evaluate.chat_replies(folder, [[Message(role="user", content=question)]])[0]
+        report[stage] = {"question": question, "reply": reply}
+        log("eval", f"{stage} answers {question!r} with: {reply!r}")
         if held_out:
-            result = evaluate.exact_match(sft, read_many(held_out, PromptRecord))
-            report["sft"]["held_out_exact_match"] = asdict(result)
-            log("eval", f"sft exact match on {result.count} held-out prompts: {result.rate:.0%}")
-    rlhf = cfg.run_dir / "rlhf"
-    if rlhf.exists():
-        reply = evaluate.chat_replies(rlhf, [[Message(role="user", content=question)]])[0]
-        report["rlhf"] = {"question": question, "reply": reply}
-        log("eval", f"rlhf answers {question!r} with: {reply!r}")
-        held_out = data_files(cfg)["rl_eval"]
-        if held_out:
-            result = evaluate.exact_match(rlhf, read_many(held_out, PromptRecord))
-            report["rlhf"]["held_out_exact_match"] = asdict(result)
-            log("eval", f"rlhf exact match on {result.count} held-out prompts: {result.rate:.0%}")
+            result = evaluate.exact_match(folder, read_many(held_out, PromptRecord))
+            report[stage]["held_out_exact_match"] = asdict(result)
+            log("eval", f"{stage} exact match on {result.count} held-out prompts: {result.rate:.0%}")
+    if "rlhf" in report:
         ppo_metrics = cfg.run_dir / "metrics" / "ppo.jsonl"
         if ppo_metrics.exists() and (comparison := ppo_before_after(ppo_metrics)):
             report["rlhf"]["held_out_before_after_ppo"] = comparison
