@@ -45,7 +45,7 @@ from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `bench.ppo_loop:length_reward` and `bench.trl_grpo` import
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the bare engine's, as the actors' (QUIET)
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the bare engine's, as the actors' (ACTOR_ENV)
 
 import ray  # noqa: E402
 import torch  # noqa: E402

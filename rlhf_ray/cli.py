@@ -31,7 +31,41 @@ def build_parser() -> argparse.ArgumentParser:
         ("config", "print the resolved config"),
     ]:
         _add_config_args(commands.add_parser(name, help=help_text))
+    serve = commands.add_parser("serve", help="serve a run's stage models over OpenAI-compatible HTTP")
+    serve.add_argument("--run", required=True, help="the run folder, e.g. runs/demo (its config.yaml)")
+    serve.add_argument("--address", help="Ray cluster to join (default: an embedded local Ray)")
+    serve.add_argument("--host", help="HTTP address (default: serve.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default: serve.port, 8000)")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one setting of the run's config, e.g. --set serve.max_replicas=2")
     return parser
+
+
+def serve_run(args: argparse.Namespace) -> None:
+    """Deploy, print the URLs, and serve until Ctrl-C."""
+    import time
+    from pathlib import Path
+
+    from ray import serve as ray_serve
+
+    from serve.run import served_models, start
+
+    run_dir = Path(args.run)
+    overrides = list(args.overrides) + [f"runs_dir={run_dir.resolve().parent}", f"name={run_dir.name}"]
+    for key, value in (("cluster.address", args.address), ("serve.host", args.host),
+                       ("serve.port", args.port)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    url = start(run_dir, cfg)
+    print(f"rlhf-ray: serving {', '.join(served_models(run_dir, cfg))} from {run_dir}\n"
+          f"  API: {url}/v1  (models: GET {url}/v1/models; OpenAI clients: base_url={url}/v1)",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        ray_serve.shutdown()
 
 
 def run_command(command: str, cfg: RunConfig) -> None:
@@ -69,6 +103,9 @@ def run_command(command: str, cfg: RunConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "serve":
+            serve_run(args)
+            return
         cfg = load_config(args.config, args.overrides)
         run_command(args.command, cfg)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:

@@ -362,6 +362,7 @@ class ServeConfig(Section):
     max_queued_requests: int = Field(
         64, ge=-1, description="Requests queued before answering 503 (-1: no limit)."
     )
+    cpus_per_replica: float = Field(0.5, gt=0, description="CPUs reserved per replica.")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica.")
     api_key_env: str | None = Field(
         None, description="Require `Authorization: Bearer <key>` with the key in this variable."

@@ -17,6 +17,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlhf_ray.cluster import ACTOR_ENV
 from rlhf_ray.config import PPOConfig, RoleResources
 from rlhf_ray.rl.roles import PolicyRole, ReferenceRole, RewardModelRole, ValueRole
 from rlhf_ray.rl.rollout import RolloutActor
@@ -25,12 +26,6 @@ PolicyActor = ray.remote(PolicyRole)
 ValueActor = ray.remote(ValueRole)
 ReferenceActor = ray.remote(ReferenceRole)
 RewardActor = ray.remote(RewardModelRole)
-
-
-# vLLM's per-request INFO lines and transformers' progress bars would bury the controller's own
-# one line per step in the driver's log.
-QUIET = {"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                      "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1", "OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 def threads(res: RoleResources) -> int:
@@ -55,7 +50,7 @@ class Placement:
         return {
             "num_cpus": res.num_cpus,
             "num_gpus": res.num_gpus,
-            "runtime_env": QUIET,
+            "runtime_env": ACTOR_ENV,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 placement_group=self.group, placement_group_bundle_index=self.index[role]),
         }

@@ -1,0 +1,107 @@
+"""One stage's model behind vLLM's AsyncLLM: renders requests to token ids and streams replies.
+
+Chat stages (sft, rlhf) render a conversation with the run's chat template; the base model gets
+the same conversation as a plain document (the turns' texts, one per line) and continues it, which
+is what a base model does. Prompts are rendered with our tokenizer, not by vLLM: transformers'
+tokenizers would turn special-token text typed by a user into control tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.inputs import TokensPrompt
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from rlhf_ray.data.records import Message
+from rlhf_ray.tokenizer import load_tokenizer
+from serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+
+class RequestError(ValueError):
+    """A request this model cannot serve (e.g. longer than its context); answered with a 400."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class Delta:
+    """A piece of one choice's reply."""
+
+    index: int
+    text: str
+    finish_reason: str | None  # "stop", "length" or None while it goes on
+    prompt_tokens: int
+    completion_tokens: int  # so far, for this choice
+
+
+class StageEngine:
+    def __init__(self, stage: str, folder: Path, memory_fraction: float = 0.1) -> None:
+        self.stage, self.folder = stage, Path(folder)
+        self.tokenizer = load_tokenizer(self.folder)
+        self.max_len = int(json.loads((self.folder / "config.json").read_text())["max_position_embeddings"])
+        # bf16 on GPUs; float32 on a CPU, where the evaluation in metrics/eval.json ran too.
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+            model=str(self.folder), dtype=dtype, max_model_len=self.max_len, enforce_eager=True,
+            gpu_memory_utilization=memory_fraction))
+
+    @property
+    def chat(self) -> bool:
+        return self.stage != "base"
+
+    def prompt_ids(self, request: ChatCompletionRequest | CompletionRequest) -> list[int]:
+        if isinstance(request, CompletionRequest):
+            return self.tokenizer.encode_document(request.prompt)
+        messages = [Message(role=m.role, content=m.content) for m in request.messages]
+        if self.chat:
+            if messages[-1].role == "assistant":
+                raise RequestError("the last message must be the user's (or the system's): the "
+                                   "model writes the assistant's next turn", "messages")
+            return self.tokenizer.render_prompt(messages)
+        return self.tokenizer.encode_document("\n".join(m.content for m in messages) + "\n")
+
+    def sampling_params(self, request: SamplingFields, prompt_tokens: int) -> SamplingParams:
+        room = self.max_len - prompt_tokens
+        if room < 1:
+            raise RequestError(f"the prompt is {prompt_tokens} tokens; model {self.stage!r} has a "
+                               f"context of {self.max_len} tokens", "messages")
+        if request.max_tokens is not None and request.max_tokens > room:
+            raise RequestError(f"max_tokens {request.max_tokens} + the prompt's {prompt_tokens} "
+                               f"tokens exceed the context of {self.max_len}", "max_tokens")
+        return SamplingParams(
+            n=request.n, temperature=request.temperature, top_p=request.top_p,
+            max_tokens=request.max_tokens or room, stop=request.stop or None,
+            stop_token_ids=list(self.tokenizer.stop_ids), seed=request.seed,
+            output_kind=RequestOutputKind.DELTA, skip_special_tokens=True)
+
+    async def generate(self, request: ChatCompletionRequest | CompletionRequest,
+                       request_id: str) -> AsyncIterator[Delta]:
+        """The reply's pieces as they come; stopping early (a client gone) aborts the request."""
+        ids = self.prompt_ids(request)
+        params = self.sampling_params(request, len(ids))
+        counts = [0] * request.n
+        finished = False
+        try:
+            async for output in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params,
+                                                     request_id):
+                for choice in output.outputs:
+                    counts[choice.index] += len(choice.token_ids)
+                    yield Delta(choice.index, choice.text, choice.finish_reason, len(ids),
+                                counts[choice.index])
+            finished = True
+        finally:
+            if not finished:
+                await self.engine.abort(request_id)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

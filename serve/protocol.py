@@ -1,0 +1,78 @@
+"""The OpenAI-compatible HTTP bodies, as pydantic models: what a request may say, what we answer.
+
+Only the fields this server honours are accepted; an unknown field is a 400 that names it, so a
+client never believes a setting took effect when it did not.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(Body):
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None  # accepted for compatibility, not used
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class SamplingFields(Body):
+    """What chat and completion requests share."""
+
+    model: str = Field(description="A stage name: base, sft, rlhf (see GET /v1/models).")
+    max_tokens: int | None = Field(None, ge=1, description="Longest reply (None: the context's rest).")
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=8, description="Replies to sample.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end a reply.")
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted for compatibility, not used
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, stop: str | list[str] | None) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop: at most 4 non-empty strings")
+        return stops
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str = Field(min_length=1)
+
+
+class Usage(Body):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -1,0 +1,144 @@
+"""The Ray Serve app on a local Ray with tiny checkpoints, driven by the official `openai` client:
+chat and completions, streamed and not, and every kind of bad request answered with OpenAI's
+error JSON while the server keeps answering."""
+
+import shutil
+import socket
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import ray
+import torch
+from ray import serve
+
+from rlhf_ray.config import load_config
+from rlhf_ray.data.records import Message
+from rlhf_ray.modeling import load_policy, save_model
+from rlhf_ray.tokenizer import load_tokenizer
+from serve.run import start
+from tests.tiny import FACTS, memorise
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+QUESTION = [{"role": "user", "content": "The capital of France is"}]
+
+
+def chat_model(policy_dir: Path):
+    """The tiny policy, taught one exchange: "The capital of France is" -> "Paris." """
+    tokenizer = load_tokenizer(policy_dir)
+    ids, _ = tokenizer.render_chat([Message(**QUESTION[0]), Message(role="assistant", content="Paris.")])
+    model = load_policy(policy_dir)
+    memorise(model, torch.tensor([ids]), steps=40)
+    return model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url(tiny_policy_dir, tmp_path_factory):
+    cfg = load_config(REPO / "configs" / "test.yaml", [
+        f"runs_dir={tmp_path_factory.mktemp('serve')}", f"serve.port={free_port()}",
+        "serve.cpus_per_replica=0.25"])
+    shutil.copytree(tiny_policy_dir, cfg.run_dir / "base")
+    save_model(chat_model(tiny_policy_dir), load_tokenizer(tiny_policy_dir), cfg.run_dir / "sft")
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield start(cfg.run_dir, cfg)
+    serve.shutdown()
+    if started_here:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_lists_the_stages_of_the_run(client):
+    assert sorted(m.id for m in client.models.list()) == ["base", "sft"]
+
+
+def test_chat_completion_and_its_stream_agree(client, tiny_policy_dir):
+    reply = client.chat.completions.create(model="sft", messages=QUESTION, temperature=0, max_tokens=12)
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and reply.model == "sft"
+    assert choice.message.role == "assistant" and choice.message.content == "Paris."
+    assert choice.finish_reason == "stop"  # at <|end|>, which the reply does not show
+    reply_tokens = len(load_tokenizer(tiny_policy_dir).encode("Paris.")) + 1  # and <|end|>
+    assert reply.usage.completion_tokens == reply_tokens and reply.usage.prompt_tokens > 0
+
+    chunks = list(client.chat.completions.create(model="sft", messages=QUESTION, temperature=0,
+                                                 max_tokens=12, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == reply.usage.total_tokens
+
+
+def test_the_base_model_continues_a_document(client):
+    prompt = FACTS[: FACTS.index(" Lima")]  # "The capital of France is Paris. ... of Peru is"
+    completion = client.completions.create(model="base", prompt=prompt, temperature=0, max_tokens=3)
+    assert completion.object == "text_completion"
+    assert completion.choices[0].text.startswith(" Lima")  # the tiny model memorised FACTS
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="base", prompt=prompt, temperature=0, max_tokens=3, stream=True))
+    assert streamed == completion.choices[0].text
+
+
+def test_sampling_options_n_seed_and_stop(client):
+    kwargs = dict(model="base", prompt="The capital of", max_tokens=8, temperature=1.0, seed=7)
+    first = client.completions.create(n=2, **kwargs)
+    assert sorted(c.index for c in first.choices) == [0, 1]
+    again = client.completions.create(n=2, **kwargs)
+    assert [c.text for c in again.choices] == [c.text for c in first.choices]
+    stopped = client.completions.create(model="base", prompt="The capital of France is",
+                                        temperature=0, max_tokens=20, stop=["."])
+    assert "." not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("body, status, param, message", [
+    ({"model": "gpt-4", "messages": QUESTION}, 404, "model", "model 'gpt-4' does not exist"),
+    ({"model": "sft", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role",
+     "Input should be 'system', 'user' or 'assistant'"),
+    ({"model": "sft", "messages": QUESTION, "temperature": 3}, 400, "temperature", "less than or equal to 2"),
+    ({"model": "sft", "messages": QUESTION, "n": 9}, 400, "n", "less than or equal to 8"),
+    ({"model": "sft", "messages": QUESTION, "logit_bias": {}}, 400, "logit_bias", "Extra inputs"),
+    ({"model": "sft", "messages": []}, 400, "messages", "at least 1 item"),
+    ({"model": "sft", "messages": [{"role": "user", "content": "Paris " * 400}]}, 400, "messages",
+     "has a context of 512 tokens"),
+    ({"model": "sft", "messages": QUESTION, "max_tokens": 10_000}, 400, "max_tokens",
+     "exceed the context of 512"),
+    ({"model": "sft", "messages": QUESTION + [{"role": "assistant", "content": "x"}]}, 400,
+     "messages", "the last message must be the user's"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(url, client, body, status,
+                                                                      param, message):
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["param"] == param and message in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=2).choices
+
+
+def test_malformed_json_is_a_400(url):
+    response = httpx.post(f"{url}/v1/chat/completions", content=b"{not json",
+                          headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["error"]["message"]
+
+
+def test_health_and_readiness(url):
+    assert httpx.get(f"{url}/health", timeout=30).json() == {"status": "ok"}
+    assert httpx.get(f"{url}/ready", timeout=30).json()["models"] == ["base", "sft"]
