@@ -4,6 +4,7 @@
     POST /v1/chat/completions   chat; SSE `chat.completion.chunk`s ending in `data: [DONE]` when
                                 stream is true
     POST /v1/completions        plain text continuation (the base model's natural interface)
+    POST /v1/score              the reward model's score of a conversation, or of candidate replies
     GET  /health, /ready
 
 The ingress routes by the request's `model` field to that stage's deployment, whose replicas each
@@ -14,6 +15,7 @@ nothing a client sends can take a replica down.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,11 @@ from ray.serve.handle import DeploymentHandle
 from rlhf_ray.cluster import ACTOR_ENV
 from rlhf_ray.config import ServeConfig
 from serve.protocol import (
+    Body,
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
+    ScoreRequest,
     error_body,
     new_id,
     now,
@@ -38,6 +42,35 @@ from serve.protocol import (
 CHAT_STAGES = ("base", "sft", "rlhf")
 
 api = FastAPI(title="rlhf-ray", docs_url=None, redoc_url=None)
+
+
+@serve.deployment
+class RewardModel:
+    """The reward model: one score per conversation (its last turn the assistant's)."""
+
+    def __init__(self, folder: str) -> None:
+        from rlhf_ray.modeling import load_scalar_model
+        from rlhf_ray.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(Path(folder))
+        self.model = load_scalar_model(Path(folder)).eval()
+        self.max_len = self.model.config.max_position_embeddings
+
+    def score(self, conversations: list[list[dict[str, str]]]) -> list[float] | dict:
+        import torch
+
+        from rlhf_ray.data.records import Message
+
+        rendered = [self.tokenizer.render_chat([Message(**m) for m in c])[0] for c in conversations]
+        longest = max(len(ids) for ids in rendered)
+        if longest > self.max_len:
+            return {"error": f"a conversation is {longest} tokens; the reward model's context is "
+                             f"{self.max_len}", "param": "messages"}
+        pad = self.tokenizer.pad_id
+        ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rendered])
+        mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rendered])
+        with torch.no_grad():
+            return self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
 
 
 @serve.deployment
@@ -73,12 +106,32 @@ def validation_message(e: ValidationError) -> tuple[str, str | None]:
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, stages: dict[str, DeploymentHandle]) -> None:
-        self.stages = stages
+    def __init__(self, stages: dict[str, DeploymentHandle], reward: DeploymentHandle | None,
+                 api_key: str | None, max_body_bytes: int) -> None:
+        self.stages, self.reward = stages, reward
+        self.api_key, self.max_body_bytes = api_key, max_body_bytes
 
-    async def parse(self, request: Request, kind: type[SamplingFields]) -> SamplingFields | JSONResponse:
+    def refuse(self, request: Request) -> JSONResponse | None:
+        """The answer to a request without the API key (when one is set); None lets it through."""
+        if self.api_key is None:
+            return None
+        if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                         code="invalid_api_key")
+        return None
+
+    async def parse(self, request: Request, kind: type[Body], models: list[str]) -> Any:
+        """The validated body, or the error response that answers it."""
+        if (refused := self.refuse(request)) is not None:
+            return refused
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return error(413, f"the body is {declared} bytes; the limit is {self.max_body_bytes}")
+        raw = await request.body()
+        if len(raw) > self.max_body_bytes:
+            return error(413, f"the body is {len(raw)} bytes; the limit is {self.max_body_bytes}")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return error(400, f"the body is not valid JSON: {e}")
         try:
@@ -86,16 +139,42 @@ class Ingress:
         except ValidationError as e:
             message, param = validation_message(e)
             return error(400, message, param=param)
-        if parsed.model not in self.stages:
-            return error(404, f"model {parsed.model!r} does not exist; this server has "
-                         f"{sorted(self.stages)}", param="model", code="model_not_found")
+        if parsed.model not in models:
+            return error(404, f"model {parsed.model!r} does not exist here; this route serves "
+                         f"{models}", param="model", code="model_not_found")
         return parsed
 
     @api.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request) -> Any:
+        if (refused := self.refuse(request)) is not None:
+            return refused
+        ids = list(self.stages) + (["reward"] if self.reward is not None else [])
         return {"object": "list", "data": [
-            {"id": stage, "object": "model", "created": now(), "owned_by": "rlhf-ray"}
-            for stage in self.stages]}
+            {"id": model, "object": "model", "created": now(), "owned_by": "rlhf-ray"}
+            for model in ids]}
+
+    @api.post("/v1/score")
+    async def score(self, request: Request) -> Any:
+        parsed = await self.parse(request, ScoreRequest, ["reward"] if self.reward else [])
+        if isinstance(parsed, JSONResponse):
+            return parsed
+        messages = [m.model_dump(include={"role", "content"}) for m in parsed.messages]
+        if parsed.candidates is None:
+            if messages[-1]["role"] != "assistant":
+                return error(400, "the last message must be the assistant's reply to score (or "
+                             "send candidates)", param="messages")
+            conversations = [messages]
+        else:
+            if messages[-1]["role"] == "assistant":
+                return error(400, "with candidates, the last message must be the user's",
+                             param="messages")
+            conversations = [messages + [{"role": "assistant", "content": c}]
+                             for c in parsed.candidates]
+        scores = await self.reward.score.remote(conversations)
+        if isinstance(scores, dict):
+            return error(400, scores["error"], param=scores["param"])
+        ranking = sorted(range(len(scores)), key=lambda i: -scores[i])
+        return {"object": "score", "model": "reward", "scores": scores, "ranking": ranking}
 
     @api.get("/health")
     async def health(self) -> dict:
@@ -103,16 +182,17 @@ class Ingress:
 
     @api.get("/ready")
     async def ready(self) -> dict:
-        return {"status": "ready", "models": sorted(self.stages)}
+        return {"status": "ready",
+                "models": sorted(self.stages) + (["reward"] if self.reward is not None else [])}
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
-        parsed = await self.parse(request, ChatCompletionRequest)
+        parsed = await self.parse(request, ChatCompletionRequest, list(self.stages))
         return parsed if isinstance(parsed, JSONResponse) else await self.complete(parsed, chat=True)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
-        parsed = await self.parse(request, CompletionRequest)
+        parsed = await self.parse(request, CompletionRequest, list(self.stages))
         return parsed if isinstance(parsed, JSONResponse) else await self.complete(parsed, chat=False)
 
     async def complete(self, request: SamplingFields, chat: bool) -> Any:
@@ -203,4 +283,15 @@ def build_app(run_dir: Path, cfg: ServeConfig) -> serve.Application:
         ).bind(stage, str(folder), cfg.vllm_memory_fraction)
         for stage, folder in folders.items()
     }
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(handles)
+    reward_dir = Path(run_dir) / "reward"
+    reward = (RewardModel.options(name="reward", ray_actor_options={
+        "num_cpus": cfg.cpus_per_replica, "runtime_env": ACTOR_ENV}).bind(str(reward_dir))
+        if "reward" in cfg.stages and (reward_dir / "config.json").is_file() else None)
+    api_key = None
+    if cfg.api_key_env is not None:
+        api_key = os.environ.get(cfg.api_key_env)
+        if not api_key:
+            raise ValueError(f"serve.api_key_env is {cfg.api_key_env!r}, but that environment "
+                             "variable is not set (or empty)")
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(
+        handles, reward, api_key, cfg.max_body_bytes)

@@ -58,6 +58,18 @@ class CompletionRequest(SamplingFields):
     prompt: str = Field(min_length=1)
 
 
+class ScoreRequest(Body):
+    """Score a conversation, or rank candidate replies to it, with the reward model.
+
+    `messages` ends with the assistant's reply to score; with `candidates`, it ends with the user's
+    turn and each candidate is scored as the assistant's reply to it.
+    """
+
+    model: str = Field("reward", description="The reward model's id.")
+    messages: list[ChatMessage] = Field(min_length=1)
+    candidates: list[str] | None = Field(None, min_length=1, max_length=16)
+
+
 class Usage(Body):
     prompt_tokens: int
     completion_tokens: int

@@ -2,6 +2,7 @@
 chat and completions, streamed and not, and every kind of bad request answered with OpenAI's
 error JSON while the server keeps answering."""
 
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -15,7 +16,7 @@ from ray import serve
 
 from rlhf_ray.config import load_config
 from rlhf_ray.data.records import Message
-from rlhf_ray.modeling import load_policy, save_model
+from rlhf_ray.modeling import load_policy, load_scalar_model, save_model
 from rlhf_ray.tokenizer import load_tokenizer
 from serve.run import start
 from tests.tiny import FACTS, memorise
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 QUESTION = [{"role": "user", "content": "The capital of France is"}]
+KEY_ENV, KEY = "RLHF_RAY_TEST_API_KEY", "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def chat_model(policy_dir: Path):
@@ -42,11 +45,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def url(tiny_policy_dir, tmp_path_factory):
+def url(tiny_policy_dir, tiny_reward_dir, tmp_path_factory):
+    os.environ[KEY_ENV] = KEY
     cfg = load_config(REPO / "configs" / "test.yaml", [
         f"runs_dir={tmp_path_factory.mktemp('serve')}", f"serve.port={free_port()}",
-        "serve.cpus_per_replica=0.25"])
+        "serve.cpus_per_replica=0.25", f"serve.api_key_env={KEY_ENV}", "serve.max_body_bytes=8192"])
     shutil.copytree(tiny_policy_dir, cfg.run_dir / "base")
+    shutil.copytree(tiny_reward_dir, cfg.run_dir / "reward")
     save_model(chat_model(tiny_policy_dir), load_tokenizer(tiny_policy_dir), cfg.run_dir / "sft")
     started_here = not ray.is_initialized()
     if started_here:
@@ -59,11 +64,11 @@ def url(tiny_policy_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
 
 
 def test_models_lists_the_stages_of_the_run(client):
-    assert sorted(m.id for m in client.models.list()) == ["base", "sft"]
+    assert sorted(m.id for m in client.models.list()) == ["base", "reward", "sft"]
 
 
 def test_chat_completion_and_its_stream_agree(client, tiny_policy_dir):
@@ -124,7 +129,7 @@ def test_sampling_options_n_seed_and_stop(client):
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(url, client, body, status,
                                                                       param, message):
-    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
     assert response.status_code == status
     error = response.json()["error"]
     assert error["param"] == param and message in error["message"]
@@ -134,11 +139,59 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(url, clie
 
 def test_malformed_json_is_a_400(url):
     response = httpx.post(f"{url}/v1/chat/completions", content=b"{not json",
-                          headers={"Content-Type": "application/json"}, timeout=60)
+                          headers={"Content-Type": "application/json", **AUTH}, timeout=60)
     assert response.status_code == 400
     assert "not valid JSON" in response.json()["error"]["message"]
 
 
 def test_health_and_readiness(url):
     assert httpx.get(f"{url}/health", timeout=30).json() == {"status": "ok"}
-    assert httpx.get(f"{url}/ready", timeout=30).json()["models"] == ["base", "sft"]
+    assert httpx.get(f"{url}/ready", timeout=30).json()["models"] == ["base", "sft", "reward"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
+def test_without_the_api_key_every_route_but_health_is_refused(url, headers):
+    for method, route in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"),
+                          ("POST", "/v1/score")):
+        response = httpx.request(method, f"{url}{route}", headers=headers, timeout=30,
+                                 json={"model": "sft", "messages": QUESTION})
+        assert response.status_code == 401, route
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+
+
+def test_a_body_over_the_limit_is_refused_with_413(url, client):
+    big = {"model": "sft", "messages": [{"role": "user", "content": "x" * 10_000}]}
+    response = httpx.post(f"{url}/v1/chat/completions", json=big, headers=AUTH, timeout=30)
+    assert response.status_code == 413 and "the limit is 8192" in response.json()["error"]["message"]
+    assert client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=2).choices
+
+
+def test_the_reward_model_scores_a_conversation_and_ranks_candidates(url, tiny_reward_dir):
+    candidates = ["Paris.", "Lima, I think.", "The capital of France is Paris."]
+    ranked = httpx.post(f"{url}/v1/score", headers=AUTH, timeout=60, json={
+        "model": "reward", "messages": QUESTION, "candidates": candidates}).json()
+    assert sorted(ranked["ranking"]) == [0, 1, 2]
+    assert [ranked["scores"][i] for i in ranked["ranking"]] == sorted(ranked["scores"], reverse=True)
+
+    # The same numbers as the reward model scored in this process.
+    tokenizer, model = load_tokenizer(tiny_reward_dir), load_scalar_model(tiny_reward_dir).eval()
+    for candidate, served in zip(candidates, ranked["scores"]):
+        ids, _ = tokenizer.render_chat([Message(**QUESTION[0]), Message(role="assistant", content=candidate)])
+        with torch.no_grad():
+            assert model(input_ids=torch.tensor([ids])).logits[0, 0].item() == pytest.approx(served, abs=1e-4)
+        one = httpx.post(f"{url}/v1/score", headers=AUTH, timeout=60, json={
+            "messages": QUESTION + [{"role": "assistant", "content": candidate}]}).json()
+        assert one["scores"] == [pytest.approx(served, abs=1e-5)]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"messages": QUESTION}, 400, "the last message must be the assistant's reply"),
+    ({"messages": QUESTION + [{"role": "assistant", "content": "x"}], "candidates": ["y"]}, 400,
+     "with candidates, the last message must be the user's"),
+    ({"model": "sft", "messages": QUESTION, "candidates": ["y"]}, 404, "model 'sft' does not exist"),
+    ({"messages": QUESTION, "candidates": []}, 400, "at least 1 item"),
+])
+def test_bad_score_requests(url, body, status, message):
+    response = httpx.post(f"{url}/v1/score", json=body, headers=AUTH, timeout=60)
+    assert response.status_code == status and message in response.json()["error"]["message"]
