@@ -369,7 +369,9 @@ class ServeConfig(Section):
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
     vllm_memory_fraction: float = Field(
-        0.1, gt=0, lt=1, description="vLLM gpu_memory_utilization per replica (CPU: see ppo)."
+        0.1, gt=0, lt=1, description="vLLM gpu_memory_utilization per replica (on a CPU: the "
+        "share of the NUMA node's memory for the worker, KV cache included; every replica of "
+        "every stage takes its own).",
     )
 
 

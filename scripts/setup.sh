@@ -25,6 +25,16 @@ log=.venv/setup.log
         .venv/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
     fi
 } > "$log" 2>&1 || { tail -n 40 "$log" >&2; echo "setup: pip failed; full log in $log" >&2; exit 1; }
+# The chat page's test drives a headless Chromium: Debian's package, not a downloaded browser.
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing Debian's chromium (for the chat page's test)"
+        { apt-get update && apt-get install -y chromium; } >> "$log" 2>&1 \
+            || echo "setup: could not install chromium; the chat page's test will fail" >&2
+    else
+        echo "setup: no chromium found; install it (apt-get install chromium) for the chat page's test" >&2
+    fi
+fi
 .venv/bin/python -c "import torch, vllm, ray, transformers, tiktoken, rustbpe" 2>/dev/null \
     || { echo "setup: the installed packages do not import; see the pip output above" >&2; exit 1; }
 echo "$want" > "$stamp"

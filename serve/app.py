@@ -5,6 +5,7 @@
                                 stream is true
     POST /v1/completions        plain text continuation (the base model's natural interface)
     POST /v1/score              the reward model's score of a conversation, or of candidate replies
+    GET  /                      the chat page (serve/page.html)
     GET  /health, /ready
 
 The ingress routes by the request's `model` field to that stage's deployment, whose replicas each
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -40,6 +41,7 @@ from serve.protocol import (
 )
 
 CHAT_STAGES = ("base", "sft", "rlhf")
+PAGE = Path(__file__).with_name("page.html")
 
 api = FastAPI(title="rlhf-ray", docs_url=None, redoc_url=None)
 
@@ -175,6 +177,11 @@ class Ingress:
             return error(400, scores["error"], param=scores["param"])
         ranking = sorted(range(len(scores)), key=lambda i: -scores[i])
         return {"object": "score", "model": "reward", "scores": scores, "ranking": ranking}
+
+    @api.get("/", response_class=HTMLResponse)
+    async def page(self) -> str:
+        """The chat page: pick a stage and chat, or compare base/sft/rlhf with the RM's scores."""
+        return PAGE.read_text(encoding="utf-8")
 
     @api.get("/health")
     async def health(self) -> dict:

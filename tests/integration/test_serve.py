@@ -52,7 +52,8 @@ def url(tiny_policy_dir, tiny_reward_dir, tmp_path_factory):
         "serve.cpus_per_replica=0.25", f"serve.api_key_env={KEY_ENV}", "serve.max_body_bytes=8192"])
     shutil.copytree(tiny_policy_dir, cfg.run_dir / "base")
     shutil.copytree(tiny_reward_dir, cfg.run_dir / "reward")
-    save_model(chat_model(tiny_policy_dir), load_tokenizer(tiny_policy_dir), cfg.run_dir / "sft")
+    for stage in ("sft", "rlhf"):  # two chat stages, as a run has
+        save_model(chat_model(tiny_policy_dir), load_tokenizer(tiny_policy_dir), cfg.run_dir / stage)
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(num_cpus=2, include_dashboard=False)
@@ -68,7 +69,7 @@ def client(url):
 
 
 def test_models_lists_the_stages_of_the_run(client):
-    assert sorted(m.id for m in client.models.list()) == ["base", "reward", "sft"]
+    assert sorted(m.id for m in client.models.list()) == ["base", "reward", "rlhf", "sft"]
 
 
 def test_chat_completion_and_its_stream_agree(client, tiny_policy_dir):
@@ -146,7 +147,7 @@ def test_malformed_json_is_a_400(url):
 
 def test_health_and_readiness(url):
     assert httpx.get(f"{url}/health", timeout=30).json() == {"status": "ok"}
-    assert httpx.get(f"{url}/ready", timeout=30).json()["models"] == ["base", "sft", "reward"]
+    assert httpx.get(f"{url}/ready", timeout=30).json()["models"] == ["base", "rlhf", "sft", "reward"]
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
@@ -195,3 +196,52 @@ def test_the_reward_model_scores_a_conversation_and_ranks_candidates(url, tiny_r
 def test_bad_score_requests(url, body, status, message):
     response = httpx.post(f"{url}/v1/score", json=body, headers=AUTH, timeout=60)
     assert response.status_code == status and message in response.json()["error"]["message"]
+
+
+# --------------------------------------------------------------------------- the chat page
+
+
+@pytest.fixture
+def page(url):
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is needed (scripts/setup.sh installs it)"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True)
+        page = browser.new_page()
+        page.goto(f"{url}/")
+        page.fill("#key", KEY)
+        page.dispatch_event("#key", "change")
+        page.wait_for_function("document.querySelectorAll('#model option').length === 3")
+        page.fill("#temperature", "0")  # greedy: the replies are known
+        yield page
+        browser.close()
+
+
+def test_the_chat_page_streams_a_chat_with_the_chosen_stage(page):
+    page.select_option("#model", "sft")
+    page.fill("#prompt", QUESTION[0]["content"])
+    page.click("#send")
+    page.wait_for_function("document.querySelector('#send').disabled === false "
+                           "&& document.querySelectorAll('.assistant').length === 1", timeout=60_000)
+    assert page.inner_text(".user") == "You: " + QUESTION[0]["content"]
+    assert page.inner_text(".assistant") == "Paris."
+
+
+def test_the_chat_page_compares_three_stages_with_the_reward_models_scores(page, url):
+    page.check("#compare")
+    page.fill("#prompt", QUESTION[0]["content"])
+    page.click("#send")
+    page.wait_for_function("[...document.querySelectorAll('.column .score')].length === 3 && "
+                           "[...document.querySelectorAll('.column .score')]"
+                           ".every(e => e.textContent.startsWith('reward '))", timeout=60_000)
+    columns = {c.get_attribute("data-model"): c for c in page.query_selector_all(".column")}
+    assert sorted(columns) == ["base", "rlhf", "sft"]
+    replies = {m: c.query_selector(".reply").inner_text() for m, c in columns.items()}
+    assert replies["sft"] == replies["rlhf"] == "Paris."  # the same tiny chat model
+    base = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=60, json={
+        "model": "base", "messages": QUESTION, "temperature": 0, "max_tokens": 64}).json()
+    assert replies["base"] == base["choices"][0]["message"]["content"].strip()
+    scores = {m: float(c.query_selector(".score").inner_text().split()[1]) for m, c in columns.items()}
+    assert scores["sft"] == pytest.approx(scores["rlhf"], abs=1e-3)
