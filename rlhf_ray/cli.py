@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="HTTP port (default: serve.port, 8000)")
     serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one setting of the run's config, e.g. --set serve.max_replicas=2")
+    talk = commands.add_parser("chat", help="chat in the terminal with a running server's model")
+    talk.add_argument("--url", default="http://127.0.0.1:8000", help="the server (rlhf-ray serve)")
+    talk.add_argument("--model", default="rlhf", help="base, sft or rlhf")
+    talk.add_argument("--api-key", default=os.environ.get("RLHF_RAY_API_KEY"),
+                      help="the server's key (default: $RLHF_RAY_API_KEY)")
+    talk.add_argument("--temperature", type=float, default=0.7)
+    talk.add_argument("--max-tokens", type=int, default=128)
     return parser
 
 
@@ -105,6 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "serve":
             serve_run(args)
+            return
+        if args.command == "chat":
+            from serve.chat import chat
+
+            chat(args.url, args.model, args.api_key, args.temperature, args.max_tokens)
             return
         cfg = load_config(args.config, args.overrides)
         run_command(args.command, cfg)

@@ -5,6 +5,8 @@ error JSON while the server keeps answering."""
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -245,3 +247,15 @@ def test_the_chat_page_compares_three_stages_with_the_reward_models_scores(page,
     assert replies["base"] == base["choices"][0]["message"]["content"].strip()
     scores = {m: float(c.query_selector(".score").inner_text().split()[1]) for m, c in columns.items()}
     assert scores["sft"] == pytest.approx(scores["rlhf"], abs=1e-3)
+
+
+def test_the_terminal_client_keeps_the_conversation_and_shows_errors(url):
+    session = subprocess.run(
+        [sys.executable, "-m", "rlhf_ray.cli", "chat", "--url", url, "--model", "sft",
+         "--temperature", "0", "--api-key", KEY],
+        input=f"{QUESTION[0]['content']}\n/reset\n{'Paris ' * 400}\n", capture_output=True,
+        text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert session.returncode == 0, session.stderr[-2000:]
+    lines = session.stdout.splitlines()
+    assert lines[0] == "sft> Paris."
+    assert lines[1].startswith("sft> [error: the prompt is") and "context of 512 tokens" in lines[1]
