@@ -302,3 +302,11 @@ def build_app(run_dir: Path, cfg: ServeConfig) -> serve.Application:
                              "variable is not set (or empty)")
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(
         handles, reward, api_key, cfg.max_body_bytes)
+
+
+def app_builder(args: dict[str, str]) -> serve.Application:
+    """The app of the run folder `args["run"]` (serve/serve_config.yaml's import_path)."""
+    from rlhf_ray.config import load_config
+
+    run_dir = Path(args["run"])
+    return build_app(run_dir, load_config(run_dir / "config.yaml").serve)
