@@ -158,11 +158,18 @@ def _need(exp: Experience, *names: str) -> None:
 
 
 class _Trainable:
-    """What the policy and value roles share: an AdamW optimizer and resumable state."""
+    """What the policy and value roles share: a model loaded from a folder, an AdamW optimizer,
+    and resumable state. Subclasses name the loader (`load_model`)."""
 
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    tokenizer: object
+    load_model: staticmethod
+
+    def __init__(self, model_dir: Path, lr: float, device: str | torch.device | None = None,
+                 precision: str = "float32", threads: int | None = None) -> None:
+        self.device, self.bf16 = _setup(device, precision, threads)
+        self.model_dir = Path(model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.model = self.load_model(self.model_dir).to(self.device)
+        self.optimizer = _optimizer(self.model, lr)
 
     def save(self, dest: Path) -> None:
         """The model as a Hugging Face folder (with the tokenizer), written atomically."""
@@ -182,13 +189,7 @@ class _Trainable:
 class PolicyRole(_Trainable):
     """The trained policy: logprobs, PPO updates, and its weights for the rollout engines."""
 
-    def __init__(self, model_dir: Path, lr: float, device: str | torch.device | None = None,
-                 precision: str = "float32", threads: int | None = None) -> None:
-        self.device, self.bf16 = _setup(device, precision, threads)
-        self.model_dir = Path(model_dir)
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.model = load_policy(self.model_dir).to(self.device)
-        self.optimizer = _optimizer(self.model, lr)
+    load_model = staticmethod(load_policy)
 
     @torch.no_grad()
     def logprobs(self, exp: Experience) -> torch.Tensor:
@@ -228,13 +229,7 @@ class PolicyRole(_Trainable):
 class ValueRole(_Trainable):
     """The critic: a scalar-head model (started from the reward model) read at every token."""
 
-    def __init__(self, model_dir: Path, lr: float, device: str | torch.device | None = None,
-                 precision: str = "float32", threads: int | None = None) -> None:
-        self.device, self.bf16 = _setup(device, precision, threads)
-        self.model_dir = Path(model_dir)
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.model = load_scalar_model(self.model_dir).to(self.device)
-        self.optimizer = _optimizer(self.model, lr)
+    load_model = staticmethod(load_scalar_model)
 
     @torch.no_grad()
     def values(self, exp: Experience) -> torch.Tensor:
