@@ -71,6 +71,11 @@ def check_model_folder(folder: Path) -> None:
         raise FileNotFoundError(f"{folder}: no *.safetensors weights")
 
 
+def model_max_len(folder: Path) -> int:
+    """The context length of a saved model folder, in tokens."""
+    return int(json.loads((Path(folder) / "config.json").read_text())["max_position_embeddings"])
+
+
 def load_policy(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     check_model_folder(folder)
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)

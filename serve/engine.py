@@ -8,7 +8,6 @@ tokenizers would turn special-token text typed by a user into control tokens.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from rlhf_ray.data.records import Message
+from rlhf_ray.modeling import model_max_len
 from rlhf_ray.tokenizer import load_tokenizer
 from serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -48,7 +48,7 @@ class StageEngine:
     def __init__(self, stage: str, folder: Path, memory_fraction: float = 0.1) -> None:
         self.stage, self.folder = stage, Path(folder)
         self.tokenizer = load_tokenizer(self.folder)
-        self.max_len = int(json.loads((self.folder / "config.json").read_text())["max_position_embeddings"])
+        self.max_len = model_max_len(self.folder)
         # bf16 on GPUs; float32 on a CPU, where the evaluation in metrics/eval.json ran too.
         dtype = "bfloat16" if torch.cuda.is_available() else "float32"
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(

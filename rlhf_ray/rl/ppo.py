@@ -30,7 +30,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from rlhf_ray.config import PPOConfig, RunConfig
 from rlhf_ray.data.readers import RecordError, read_many
 from rlhf_ray.data.records import PromptRecord
-from rlhf_ray.modeling import check_model_folder
+from rlhf_ray.modeling import check_model_folder, model_max_len
 from rlhf_ray.rl import actors
 from rlhf_ray.rl.algorithms import (
     KLController,
@@ -127,10 +127,6 @@ def latest_checkpoint(folder: Path) -> Path | None:
     """The newest complete checkpoint (hidden temporary folders are not complete)."""
     done = sorted(p for p in folder.glob("step_*") if (p / "state.json").is_file())
     return done[-1] if done else None
-
-
-def model_max_len(model_dir: Path) -> int:
-    return int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
 
 
 # --------------------------------------------------------------------------- the controller
