@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve_run(args: argparse.Namespace) -> None:
-    """Deploy, print the URLs, and serve until Ctrl-C."""
+    """Deploy and print the URLs; on an embedded Ray, serve until Ctrl-C."""
     import time
     from pathlib import Path
 
@@ -66,8 +66,12 @@ def serve_run(args: argparse.Namespace) -> None:
     cfg = load_config(run_dir / "config.yaml", overrides)
     url = start(run_dir, cfg)
     print(f"rlhf-ray: serving {', '.join(served_models(run_dir, cfg))} from {run_dir}\n"
-          f"  API: {url}/v1  (models: GET {url}/v1/models; OpenAI clients: base_url={url}/v1)",
-          flush=True)
+          f"  API: {url}/v1  (models: GET {url}/v1/models; OpenAI clients: base_url={url}/v1)\n"
+          f"  chat page: {url}/", flush=True)
+    if cfg.cluster.address is not None:  # the app lives on in the cluster, like `serve deploy`
+        print("rlhf-ray: deployed; it serves until `serve shutdown`. Run this command again to "
+              "roll out changed stage folders.", flush=True)
+        return
     try:
         while True:
             time.sleep(3600)

@@ -368,6 +368,16 @@ class ServeConfig(Section):
         None, description="Require `Authorization: Bearer <key>` with the key in this variable."
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
+    folders: dict[Literal["base", "sft", "rlhf", "reward"], Path] = Field(
+        default_factory=dict, description="Serve a stage from this folder instead of the run's "
+        "own (e.g. {rlhf: runs/other/rlhf}). Deploying again with a changed folder, or after a "
+        "stage's folder was rewritten, replaces just that stage's replicas; their in-flight "
+        "requests finish first.",
+    )
+    drain_timeout_s: float = Field(
+        120.0, gt=0, description="How long a replica being replaced or scaled down may finish its "
+        "in-flight requests before it is stopped.",
+    )
     vllm_memory_fraction: float = Field(
         0.1, gt=0, lt=1, description="vLLM gpu_memory_utilization per replica (on a CPU: the "
         "share of the NUMA node's memory for the worker, KV cache included; every replica of "

@@ -15,8 +15,10 @@ nothing a client sends can take a replica down.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+
 
 from rlhf_ray.cluster import ACTOR_ENV
 from rlhf_ray.config import ServeConfig
@@ -42,47 +46,91 @@ from serve.protocol import (
 
 CHAT_STAGES = ("base", "sft", "rlhf")
 PAGE = Path(__file__).with_name("page.html")
+# The ingress only relays; the stage deployments' own limits (serve.max_ongoing_requests and
+# serve.max_queued_requests) decide what is served, queued or answered 503.
+INGRESS_MAX_ONGOING = 4096
 
 api = FastAPI(title="rlhf-ray", docs_url=None, redoc_url=None)
 
 
 @serve.deployment
 class RewardModel:
-    """The reward model: one score per conversation (its last turn the assistant's)."""
+    """The reward model: one score per conversation (its last turn the assistant's). Its folder
+    comes in the user_config, so pointing it at another folder swaps the model in place."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self) -> None:
+        self.loaded: tuple[Any, Any, int] | None = None  # tokenizer, model, context length
+        self.folder_key: tuple | None = None
+
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        key = (config["folder"], config.get("state"))
+        if key != self.folder_key:
+            self.loaded = await asyncio.to_thread(self.load, Path(config["folder"]))
+            self.folder_key = key
+
+    @staticmethod
+    def load(folder: Path) -> tuple[Any, Any, int]:
         from rlhf_ray.modeling import load_scalar_model
         from rlhf_ray.tokenizer import load_tokenizer
 
-        self.tokenizer = load_tokenizer(Path(folder))
-        self.model = load_scalar_model(Path(folder)).eval()
-        self.max_len = self.model.config.max_position_embeddings
+        model = load_scalar_model(folder).eval()
+        return load_tokenizer(folder), model, model.config.max_position_embeddings
 
     def score(self, conversations: list[list[dict[str, str]]]) -> list[float] | dict:
         import torch
 
         from rlhf_ray.data.records import Message
 
-        rendered = [self.tokenizer.render_chat([Message(**m) for m in c])[0] for c in conversations]
+        tokenizer, model, max_len = self.loaded  # one model for the whole call, even mid-swap
+        rendered = [tokenizer.render_chat([Message(**m) for m in c])[0] for c in conversations]
         longest = max(len(ids) for ids in rendered)
-        if longest > self.max_len:
+        if longest > max_len:
             return {"error": f"a conversation is {longest} tokens; the reward model's context is "
-                             f"{self.max_len}", "param": "messages"}
-        pad = self.tokenizer.pad_id
+                             f"{max_len}", "param": "messages"}
+        pad = tokenizer.pad_id
         ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rendered])
         mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rendered])
         with torch.no_grad():
-            return self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
+            return model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
 
 
 @serve.deployment
 class StageModel:
-    """One stage's vLLM engine; `generate` streams `Delta`s (serve.engine)."""
+    """One stage's vLLM engine; `generate` streams `Delta`s (serve.engine).
 
-    def __init__(self, stage: str, folder: str, memory_fraction: float) -> None:
+    The folder comes in the user_config. Pointing the deployment at another folder (or the same
+    folder rewritten) loads a second engine next to the first; new requests go to the new one,
+    and the old one finishes its in-flight requests (up to `drain_s`) before it shuts down.
+    """
+
+    def __init__(self, stage: str, memory_fraction: float, drain_s: float) -> None:
+        self.stage, self.memory_fraction, self.drain_s = stage, memory_fraction, drain_s
+        self.engine: Any = None
+        self.folder_key: tuple | None = None
+        self.draining: set[asyncio.Task] = set()
+        self.reloads = 0
+
+    async def reconfigure(self, config: dict[str, Any]) -> None:
         from serve.engine import StageEngine  # vLLM is imported in the replica only
 
-        self.engine = StageEngine(stage, Path(folder), memory_fraction)
+        key = (config["folder"], config.get("state"))
+        if key == self.folder_key:
+            return
+        new = await asyncio.to_thread(StageEngine, self.stage, Path(config["folder"]),
+                                      self.memory_fraction)
+        old, self.engine, self.folder_key = self.engine, new, key
+        if old is not None:
+            self.reloads += 1
+            task = asyncio.create_task(self.retire(old))
+            self.draining.add(task)
+            task.add_done_callback(self.draining.discard)
+
+    async def retire(self, old: Any) -> None:
+        """Shut an engine down once its in-flight requests are done (or after drain_s)."""
+        deadline = time.monotonic() + self.drain_s
+        while old.stats()["running"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        await asyncio.to_thread(old.shutdown)
 
     async def generate(self, request: SamplingFields, request_id: str) -> AsyncIterator[Any]:
         from serve.engine import RequestError
@@ -92,6 +140,12 @@ class StageModel:
                 yield delta
         except RequestError as e:  # sent as a value: the ingress turns it into a 400
             yield {"error": str(e), "param": e.param}
+
+    def stats(self) -> dict[str, Any]:
+        """This replica, the folder it serves, and its engine's running and aborted requests."""
+        return {**self.engine.stats(), "folder": self.folder_key[0], "reloads": self.reloads,
+                "retiring": len(self.draining),
+                "replica": serve.get_replica_context().replica_id.unique_id}
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -105,13 +159,25 @@ def validation_message(e: ValidationError) -> tuple[str, str | None]:
     return f"{param}: {first['msg']}" if param else first["msg"], param
 
 
+def read_api_key(env: str | None) -> str | None:
+    """The key in environment variable `env` (None: no key is required)."""
+    if env is None:
+        return None
+    if not os.environ.get(env):
+        raise ValueError(f"serve.api_key_env is {env!r}, but that environment variable is not "
+                         "set (or empty)")
+    return os.environ[env]
+
+
+# Ingress is pickled as it is defined (serve.ingress wraps it), so what it uses is defined above.
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
     def __init__(self, stages: dict[str, DeploymentHandle], reward: DeploymentHandle | None,
-                 api_key: str | None, max_body_bytes: int) -> None:
+                 api_key_env: str | None, max_body_bytes: int) -> None:
         self.stages, self.reward = stages, reward
-        self.api_key, self.max_body_bytes = api_key, max_body_bytes
+        self.api_key = read_api_key(api_key_env)
+        self.max_body_bytes = max_body_bytes
 
     def refuse(self, request: Request) -> JSONResponse | None:
         """The answer to a request without the API key (when one is set); None lets it through."""
@@ -205,7 +271,13 @@ class Ingress:
     async def complete(self, request: SamplingFields, chat: bool) -> Any:
         request_id = new_id("chatcmpl" if chat else "cmpl")
         deltas = self.stages[request.model].options(stream=True).generate.remote(request, request_id)
-        first = await deltas.__anext__()  # a request error arrives before any text
+        try:
+            first = await deltas.__anext__()  # a request error arrives before any text
+        except BackPressureError:
+            return JSONResponse(
+                error_body(f"model {request.model!r} is overloaded: all its replicas are busy and "
+                           "its queue is full; retry shortly", "server_error", code="overloaded"),
+                status_code=503, headers={"Retry-After": "1"})
         if isinstance(first, dict):
             return error(400, first["error"], param=first["param"])
         if request.stream:
@@ -252,16 +324,20 @@ class Ingress:
                           "finish_reason": None} for i in range(request.n)])
         counts, prompt_tokens = [0] * request.n, first.prompt_tokens
         delta = first
-        while delta is not None:
-            counts[delta.index] = delta.completion_tokens
-            if delta.text or delta.finish_reason:
-                body = ({"delta": {"content": delta.text}} if chat else {"text": delta.text})
-                yield event([{"index": delta.index, **body, "finish_reason": delta.finish_reason,
-                              "logprobs": None}])
-            try:
-                delta = await deltas.__anext__()
-            except StopAsyncIteration:
-                delta = None
+        try:
+            while delta is not None:
+                counts[delta.index] = delta.completion_tokens
+                if delta.text or delta.finish_reason:
+                    body = ({"delta": {"content": delta.text}} if chat else {"text": delta.text})
+                    yield event([{"index": delta.index, **body,
+                                  "finish_reason": delta.finish_reason, "logprobs": None}])
+                try:
+                    delta = await deltas.__anext__()
+                except StopAsyncIteration:
+                    delta = None
+        finally:
+            if delta is not None:  # the client went away: stop the engine's work on it
+                deltas.cancel()
         if request.stream_options and request.stream_options.include_usage:
             yield event([], {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
                              "total_tokens": prompt_tokens + sum(counts)})
@@ -269,44 +345,75 @@ class Ingress:
 
 
 def stage_folders(run_dir: Path, cfg: ServeConfig) -> dict[str, Path]:
-    """The configured chat stages whose folders exist in the run."""
-    return {s: run_dir / s for s in cfg.stages if s in CHAT_STAGES and (run_dir / s / "config.json").is_file()}
+    """The configured stages (chat stages and the reward model) with a complete model folder:
+    the run's own, or the one `serve.folders` names."""
+    folders = {stage: Path(cfg.folders.get(stage, Path(run_dir) / stage)) for stage in cfg.stages}
+    return {stage: folder for stage, folder in folders.items() if (folder / "config.json").is_file()}
 
 
-def build_app(run_dir: Path, cfg: ServeConfig) -> serve.Application:
-    folders = stage_folders(Path(run_dir), cfg)
-    if not folders:
+def folder_config(folder: Path) -> dict[str, str]:
+    """A deployment's user_config: the folder, and a digest of its files' sizes and times, so a
+    new export into the same folder is a new config (Serve then reconfigures the replicas)."""
+    import hashlib
+
+    if not folder.is_dir():
+        return {"folder": str(folder.resolve())}
+    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns)
+             for f in sorted(folder.iterdir()) if f.is_file()]
+    return {"folder": str(folder.resolve()), "state": hashlib.sha256(repr(files).encode()).hexdigest()[:16]}
+
+
+def deployment_name(stage: str) -> str:
+    return "reward" if stage == "reward" else f"stage-{stage}"
+
+
+def build_app(run_dir: Path, cfg: ServeConfig, stages: list[str] | None = None) -> serve.Application:
+    """The application of `run_dir`'s stage folders; each folder is its deployment's user_config.
+
+    `stages` fixes which deployments exist (default: the stages whose folders are there); the
+    deployer may then point any of them at another folder by overriding its user_config alone,
+    which Serve applies in place."""
+    found = stage_folders(Path(run_dir), cfg)
+    folders = found if stages is None else {s: found.get(s, Path(run_dir) / s) for s in stages}
+    if not any(stage in CHAT_STAGES for stage in folders):
         raise FileNotFoundError(f"{run_dir}: no stage model to serve (none of {list(CHAT_STAGES)} "
                                 "has a complete folder); run the pipeline first")
+    read_api_key(cfg.api_key_env)  # refuse here, with the reason, rather than in a replica
+    replica_options = {"num_cpus": cfg.cpus_per_replica, "runtime_env": ACTOR_ENV}
     handles = {
         stage: StageModel.options(
-            name=f"stage-{stage}",
-            ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica,
-                               "runtime_env": ACTOR_ENV},
+            name=deployment_name(stage), user_config=folder_config(folder),
+            ray_actor_options={**replica_options, "num_gpus": cfg.gpus_per_replica},
             max_ongoing_requests=cfg.max_ongoing_requests,
             max_queued_requests=cfg.max_queued_requests,
+            graceful_shutdown_timeout_s=cfg.drain_timeout_s,
             autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
                                 "target_ongoing_requests": cfg.target_ongoing_requests},
-        ).bind(stage, str(folder), cfg.vllm_memory_fraction)
-        for stage, folder in folders.items()
+        ).bind(stage, cfg.vllm_memory_fraction, cfg.drain_timeout_s)
+        for stage, folder in folders.items() if stage in CHAT_STAGES
     }
-    reward_dir = Path(run_dir) / "reward"
-    reward = (RewardModel.options(name="reward", ray_actor_options={
-        "num_cpus": cfg.cpus_per_replica, "runtime_env": ACTOR_ENV}).bind(str(reward_dir))
-        if "reward" in cfg.stages and (reward_dir / "config.json").is_file() else None)
-    api_key = None
-    if cfg.api_key_env is not None:
-        api_key = os.environ.get(cfg.api_key_env)
-        if not api_key:
-            raise ValueError(f"serve.api_key_env is {cfg.api_key_env!r}, but that environment "
-                             "variable is not set (or empty)")
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(
-        handles, reward, api_key, cfg.max_body_bytes)
+    reward = None
+    if "reward" in folders:
+        reward = RewardModel.options(
+            name=deployment_name("reward"), user_config=folder_config(folders["reward"]),
+            ray_actor_options=replica_options, graceful_shutdown_timeout_s=cfg.drain_timeout_s,
+        ).bind()
+    return Ingress.options(
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=INGRESS_MAX_ONGOING,
+        graceful_shutdown_timeout_s=cfg.drain_timeout_s,
+    ).bind(handles, reward, cfg.api_key_env, cfg.max_body_bytes)
 
 
-def app_builder(args: dict[str, str]) -> serve.Application:
-    """The app of the run folder `args["run"]` (serve/serve_config.yaml's import_path)."""
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """The app of the run folder `args["run"]` (serve/serve_config.yaml's import_path).
+
+    The serve settings are `args["serve"]` when given (rlhf-ray serve passes them), otherwise
+    the run's config.yaml's; `args["stages"]` fixes the deployments to make (see build_app)."""
     from rlhf_ray.config import load_config
 
     run_dir = Path(args["run"])
-    return build_app(run_dir, load_config(run_dir / "config.yaml").serve)
+    if "serve" in args:
+        cfg = ServeConfig.model_validate(args["serve"])
+    else:
+        cfg = load_config(run_dir / "config.yaml").serve
+    return build_app(run_dir, cfg, args.get("stages"))

@@ -54,6 +54,7 @@ class StageEngine:
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=str(self.folder), dtype=dtype, max_model_len=self.max_len, enforce_eager=True,
             gpu_memory_utilization=memory_fraction))
+        self.aborted = 0  # requests stopped before their end (their client went away)
 
     @property
     def chat(self) -> bool:
@@ -102,6 +103,11 @@ class StageEngine:
         finally:
             if not finished:
                 await self.engine.abort(request_id)
+                self.aborted += 1
+
+    def stats(self) -> dict[str, int]:
+        """Requests the engine is working on now, and those aborted so far."""
+        return {"running": self.engine.get_num_unfinished_requests(), "aborted": self.aborted}
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -2,11 +2,15 @@
 chat and completions, streamed and not, and every kind of bad request answered with OpenAI's
 error JSON while the server keeps answering."""
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -20,7 +24,7 @@ from rlhf_ray.config import load_config
 from rlhf_ray.data.records import Message
 from rlhf_ray.modeling import load_policy, load_scalar_model, save_model
 from rlhf_ray.tokenizer import load_tokenizer
-from serve.run import start
+from serve.run import APP_NAME, start
 from tests.tiny import FACTS, memorise
 
 pytestmark = pytest.mark.integration
@@ -31,10 +35,10 @@ KEY_ENV, KEY = "RLHF_RAY_TEST_API_KEY", "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def chat_model(policy_dir: Path):
-    """The tiny policy, taught one exchange: "The capital of France is" -> "Paris." """
+def chat_model(policy_dir: Path, answer: str = "Paris."):
+    """The tiny policy, taught one exchange: "The capital of France is" -> `answer`."""
     tokenizer = load_tokenizer(policy_dir)
-    ids, _ = tokenizer.render_chat([Message(**QUESTION[0]), Message(role="assistant", content="Paris.")])
+    ids, _ = tokenizer.render_chat([Message(**QUESTION[0]), Message(role="assistant", content=answer)])
     model = load_policy(policy_dir)
     memorise(model, torch.tensor([ids]), steps=40)
     return model
@@ -47,11 +51,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def url(tiny_policy_dir, tiny_reward_dir, tmp_path_factory):
+def served(tiny_policy_dir, tiny_reward_dir, tmp_path_factory):
+    """The app serving a run with base, sft, rlhf and reward; yields (url, run config). Each stage
+    works on at most 2 requests and queues 2 more, so overload is easy to reach."""
     os.environ[KEY_ENV] = KEY
     cfg = load_config(REPO / "configs" / "test.yaml", [
         f"runs_dir={tmp_path_factory.mktemp('serve')}", f"serve.port={free_port()}",
-        "serve.cpus_per_replica=0.25", f"serve.api_key_env={KEY_ENV}", "serve.max_body_bytes=8192"])
+        "serve.cpus_per_replica=0.25", f"serve.api_key_env={KEY_ENV}", "serve.max_body_bytes=8192",
+        "serve.max_ongoing_requests=2", "serve.max_queued_requests=2"])
     shutil.copytree(tiny_policy_dir, cfg.run_dir / "base")
     shutil.copytree(tiny_reward_dir, cfg.run_dir / "reward")
     for stage in ("sft", "rlhf"):  # two chat stages, as a run has
@@ -59,10 +66,15 @@ def url(tiny_policy_dir, tiny_reward_dir, tmp_path_factory):
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(num_cpus=2, include_dashboard=False)
-    yield start(cfg.run_dir, cfg)
+    yield start(cfg.run_dir, cfg), cfg
     serve.shutdown()
     if started_here:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def url(served):
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +271,129 @@ def test_the_terminal_client_keeps_the_conversation_and_shows_errors(url):
     lines = session.stdout.splitlines()
     assert lines[0] == "sft> Paris."
     assert lines[1].startswith("sft> [error: the prompt is") and "context of 512 tokens" in lines[1]
+
+
+def long_completion(url: str, model: str, max_tokens: int = 400) -> dict:
+    """A sampled completion request that runs to max_tokens (its seed found by trying): the
+    request stays in flight for a while, deterministically."""
+    for seed in range(40):
+        body = {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens,
+                "temperature": 2.0, "seed": seed}
+        reply = httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=120).json()
+        if reply["choices"][0]["finish_reason"] == "length":
+            return body
+    pytest.fail(f"no seed in 0..39 makes {model} write {max_tokens} tokens without stopping")
+
+
+def stream(url: str, body: dict, events: list | None = None) -> dict:
+    """Send a streaming completion and read it to the end: status, error, text, finish reason,
+    and when the response began and ended."""
+    began = time.monotonic()
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True},
+                      headers=AUTH, timeout=300) as response:
+        answered = time.monotonic()
+        if response.status_code != 200:
+            response.read()
+            return {"status": response.status_code, "error": response.json()["error"],
+                    "retry_after": response.headers.get("retry-after"), "began": began,
+                    "answered": answered, "ended": time.monotonic()}
+        text, finish = "", None
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                text, finish = text + choice["text"], choice["finish_reason"] or finish
+                if events is not None:
+                    events.append(time.monotonic())
+    return {"status": 200, "text": text, "finish_reason": finish, "began": began,
+            "answered": answered, "ended": time.monotonic()}
+
+
+def stage_stats(stage: str) -> dict:
+    return serve.get_deployment_handle(f"stage-{stage}", app_name=APP_NAME).stats.remote().result()
+
+
+def test_overload_is_answered_503_at_once_and_the_accepted_requests_finish(url):
+    body = long_completion(url, "base")
+    with ThreadPoolExecutor(8) as pool:  # 2 run, 2 wait in the queue, the rest are refused
+        results = list(pool.map(lambda _: stream(url, body), range(8)))
+    accepted = [r for r in results if r["status"] == 200]
+    refused = [r for r in results if r["status"] != 200]
+    assert len(accepted) >= 4 and len(refused) >= 1
+    for r in refused:
+        assert r["status"] == 503 and r["error"]["code"] == "overloaded" and r["retry_after"] == "1"
+        assert "'base' is overloaded" in r["error"]["message"]
+        assert r["ended"] < min(a["ended"] for a in accepted)  # refused, not left to pile up
+    assert all(a["finish_reason"] == "length" for a in accepted)
+    assert len({a["text"] for a in accepted}) == 1  # one seed, one text: none was cut short
+    assert stream(url, body)["status"] == 200
+
+
+def test_a_client_that_disconnects_aborts_its_generation(url):
+    body = long_completion(url, "base")
+    before = stage_stats("base")
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True},
+                      headers=AUTH, timeout=60) as response:
+        next(response.iter_lines())  # the first chunk; then the client goes away
+    deadline = time.monotonic() + 30
+    while (now := stage_stats("base"))["aborted"] == before["aborted"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert now["aborted"] == before["aborted"] + 1 and now["running"] == 0
+
+
+# Last in this file: it points the rlhf deployment at another model.
+def test_pointing_a_stage_at_a_new_folder_reloads_it_in_place_without_dropping_requests(
+        served, tiny_policy_dir, tmp_path):
+    url, cfg = served
+    berlin = tmp_path / "rlhf-v2"
+    save_model(chat_model(tiny_policy_dir, "Berlin."), load_tokenizer(tiny_policy_dir), berlin)
+    new_answer = greedy_reply(berlin, QUESTION, max_tokens=8)
+    assert new_answer != "Paris."
+    replicas = {stage: stage_stats(stage)["replica"] for stage in ("base", "sft", "rlhf")}
+    long_body = long_completion(url, "rlhf", max_tokens=200)
+    long_events: list[float] = []
+    replies: list[tuple[float, int, str]] = []  # (sent at, status, reply) of a steady stream of chats
+    stop = threading.Event()
+
+    def chat_steadily() -> None:
+        while not stop.is_set():
+            sent = time.monotonic()
+            r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=300, json={
+                "model": "rlhf", "messages": QUESTION, "temperature": 0, "max_tokens": 8})
+            replies.append((sent, r.status_code, r.json()["choices"][0]["message"]["content"]
+                            if r.status_code == 200 else r.text))
+
+    with ThreadPoolExecutor(2) as pool:
+        in_flight = pool.submit(stream, url, long_body, long_events)
+        chats = pool.submit(chat_steadily)
+        while not long_events:
+            time.sleep(0.01)
+        reload_began = time.monotonic()
+        start(cfg.run_dir, cfg.model_copy(update={"serve": cfg.serve.model_copy(
+            update={"folders": {"rlhf": berlin}})}))
+        reload_done = time.monotonic()
+        while not any(sent > reload_done for sent, _, _ in replies):
+            time.sleep(0.1)
+        stop.set()
+        long_reply = in_flight.result()
+        chats.result()
+
+    assert long_reply["status"] == 200 and long_reply["finish_reason"] == "length"
+    assert long_events[-1] > reload_began  # it was still streaming when the reload began
+    assert all(status == 200 for _, status, _ in replies), replies
+    assert {reply for _, _, reply in replies} <= {"Paris.", new_answer}
+    assert replies[0][2] == "Paris."
+    assert all(reply == new_answer for sent, _, reply in replies if sent > reload_done)
+    stats = stage_stats("rlhf")
+    assert stats["folder"] == str(berlin.resolve()) and stats["reloads"] == 1
+    assert {stage: stage_stats(stage)["replica"] for stage in replicas} == replicas  # not restarted
+
+
+
+def greedy_reply(folder: Path, messages: list[dict], max_tokens: int) -> str:
+    """The model's greedy reply computed in this process with transformers."""
+    tokenizer, model = load_tokenizer(folder), load_policy(folder)
+    ids = tokenizer.render_prompt([Message(**m) for m in messages])
+    out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
+                         eos_token_id=list(tokenizer.stop_ids), pad_token_id=tokenizer.pad_id)
+    special = set(tokenizer.special_ids.values())  # the server skips them too
+    return tokenizer.decode([t for t in out[0, len(ids):].tolist() if t not in special])

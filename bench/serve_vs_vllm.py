@@ -1,0 +1,197 @@
+"""Our Ray Serve app against vLLM's own OpenAI server on the same checkpoint, in one run.
+
+One ~4M-parameter random-init Llama (bench/ppo_loop.py's) is saved as <tmp>/run/sft. Each server
+is started as its own process, one after the other (never both at once on this 2-core box):
+
+  ours:  python -m rlhf_ray.cli serve --run <tmp>/run   (embedded Ray, Serve, one sft replica)
+  vllm:  vllm serve <tmp>/run/sft                        (the same engine settings: float32,
+                                                          eager, the same memory fraction)
+
+Both get the same environment (quiet logs, OMP_WAIT_POLICY=PASSIVE as our replicas have).
+For each concurrency N, N clients each stream chat completions back to back (greedy, so both
+servers write the same tokens; max_tokens fixed; a different prompt per request) after a warm-up.
+Per request: time to first token (the first content chunk) and latency (the last byte); tokens
+from the stream's usage chunk. Throughput is all completion tokens over the wall time of the
+round. Ratios read "ours as a fraction of vLLM's", so >= 0.9 meets the target in every column:
+throughput ours/vLLM, times vLLM/ours.
+
+    .venv/bin/python bench/serve_vs_vllm.py [--concurrency 1 8 32] [--requests-per-client 6]
+                                            [--max-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.ppo_loop import make_model_and_prompts  # noqa: E402
+from rlhf_ray.config import load_config, save_config  # noqa: E402
+from rlhf_ray.modeling import count_parameters, load_policy  # noqa: E402
+
+MEMORY_FRACTION = 0.1
+ENV = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "OMP_WAIT_POLICY": "PASSIVE",
+       "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_run(root: Path) -> Path:
+    cfg = load_config(REPO / "configs" / "test.yaml", [
+        f"runs_dir={root}", "name=run", "model.hidden_size=256", "model.num_layers=4",
+        "model.num_heads=4", "model.num_kv_heads=4", "model.intermediate_size=768",
+        "model.max_seq_len=512", "serve.stages=[sft]", f"serve.vllm_memory_fraction={MEMORY_FRACTION}",
+        "serve.cpus_per_replica=1", "serve.max_ongoing_requests=64", "serve.max_queued_requests=-1"])
+    make_model_and_prompts(cfg, num_prompts=1)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    return cfg.run_dir
+
+
+def start_ours(run: Path, port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "rlhf_ray.cli", "serve", "--run", str(run), "--port", str(port)],
+        env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+
+
+def start_vllm(run: Path, port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("vllm")), "serve", str(run / "sft"),
+         "--served-model-name", "sft", "--port", str(port), "--dtype", "float32",
+         "--max-model-len", "512", "--enforce-eager",
+         "--gpu-memory-utilization", str(MEMORY_FRACTION)],
+        env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+
+
+def wait_ready(url: str, server: subprocess.Popen, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode} before it was ready")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} not ready after {timeout_s}s")
+
+
+def stop(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGINT)
+    try:
+        server.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"],
+                   capture_output=True)
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": "sft", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+            "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    began = time.perf_counter()
+    first, tokens = None, 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    ended = time.perf_counter()
+    return {"ttft": (first or ended) - began, "latency": ended - began, "tokens": tokens}
+
+
+async def load_round(url: str, clients: int, per_client: int, max_tokens: int, tag: int) -> dict:
+    async def client_loop(i: int, client: httpx.AsyncClient) -> list[dict]:
+        return [await one_request(client, url, f"Tell me about fox {tag}-{i}-{j}.", max_tokens)
+                for j in range(per_client)]
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        began = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(client_loop(i, client) for i in range(clients)))
+                   for r in rs]
+        wall = time.perf_counter() - began
+    return {"throughput": sum(r["tokens"] for r in results) / wall,
+            "tokens": sum(r["tokens"] for r in results) / len(results),
+            **{f"{key}_p{q}": percentile([r[key] for r in results], q)
+               for key in ("ttft", "latency") for q in (50, 99)}}
+
+
+def percentile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def measure(name: str, server: subprocess.Popen, url: str, args: argparse.Namespace) -> dict[int, dict]:
+    try:
+        wait_ready(url, server)
+        asyncio.run(load_round(url, 2, 2, args.max_tokens, tag=-1))  # warm-up
+        results = {}
+        for n in args.concurrency:
+            results[n] = asyncio.run(load_round(url, n, args.requests_per_client, args.max_tokens, tag=n))
+            print(f"  {name} N={n}: {results[n]['throughput']:.0f} tok/s", flush=True)
+        return results
+    finally:
+        stop(server)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests-per-client", type=int, default=6)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = make_run(Path(tmp))
+        params = count_parameters(load_policy(run / "sft"))
+        print(f"model: {params / 1e6:.1f}M params; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.2f}",
+              flush=True)
+        port = free_port()
+        ours = measure("ours", start_ours(run, port), f"http://127.0.0.1:{port}", args)
+        port = free_port()
+        theirs = measure("vllm", start_vllm(run, port), f"http://127.0.0.1:{port}", args)
+
+    print(f"\nserving, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"vllm {version('vllm')}, ray {version('ray')}; {args.requests_per_client} requests per "
+          f"client, max_tokens {args.max_tokens}, greedy; load at end {os.getloadavg()[0]:.2f}\n")
+    print("| clients | tokens/req | throughput tok/s (ours / vLLM) | ratio | TTFT p50 ms | ratio "
+          "| TTFT p99 ms | ratio | latency p50 ms | ratio | latency p99 ms | ratio |")
+    print("|---:|---:|---|---:|---|---:|---|---:|---|---:|---|---:|")
+    for n in args.concurrency:
+        a, b = ours[n], theirs[n]
+        cells = [f"{a['throughput']:.0f} / {b['throughput']:.0f}", f"{a['throughput'] / b['throughput']:.2f}"]
+        for key in ("ttft_p50", "ttft_p99", "latency_p50", "latency_p99"):
+            cells += [f"{a[key] * 1e3:.0f} / {b[key] * 1e3:.0f}", f"{b[key] / a[key]:.2f}"]
+        print(f"| {n} | {a['tokens']:.0f} / {b['tokens']:.0f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
