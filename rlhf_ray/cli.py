@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve_run(args: argparse.Namespace) -> None:
-    """Deploy and print the URLs; on an embedded Ray, serve until Ctrl-C."""
+    """Deploy and print the URLs; on an embedded Ray, serve until Ctrl-C (or SIGTERM)."""
+    import signal
     import time
     from pathlib import Path
 
@@ -72,10 +73,14 @@ def serve_run(args: argparse.Namespace) -> None:
         print("rlhf-ray: deployed; it serves until `serve shutdown`. Run this command again to "
               "roll out changed stage folders.", flush=True)
         return
+    # A `kill` stops the server as Ctrl-C does: replicas shut their vLLM engines down, rather
+    # than leaving engine processes behind when Ray's processes go.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        print("rlhf-ray: stopping the server", flush=True)
         ray_serve.shutdown()
 
 

@@ -374,6 +374,11 @@ class ServeConfig(Section):
         "stage's folder was rewritten, replaces just that stage's replicas; their in-flight "
         "requests finish first.",
     )
+    stream_interval_ms: float = Field(
+        50.0, ge=0, description="A streamed reply's tokens travel in batches this far apart (the "
+        "first at once): each batch costs two hops through Ray, as much as a small model's token "
+        "on a CPU. 0: each batch holds whatever was ready.",
+    )
     drain_timeout_s: float = Field(
         120.0, gt=0, description="How long a replica being replaced or scaled down may finish its "
         "in-flight requests before it is stopped.",

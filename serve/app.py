@@ -37,9 +37,11 @@ from serve.protocol import (
     Body,
     ChatCompletionRequest,
     CompletionRequest,
+    Delta,
     SamplingFields,
     ScoreRequest,
     error_body,
+    merge,
     new_id,
     now,
 )
@@ -96,15 +98,17 @@ class RewardModel:
 
 @serve.deployment
 class StageModel:
-    """One stage's vLLM engine; `generate` streams `Delta`s (serve.engine).
+    """One stage's vLLM engine; `generate` streams lists of `Delta`s (serve.engine.batched).
 
     The folder comes in the user_config. Pointing the deployment at another folder (or the same
     folder rewritten) loads a second engine next to the first; new requests go to the new one,
     and the old one finishes its in-flight requests (up to `drain_s`) before it shuts down.
     """
 
-    def __init__(self, stage: str, memory_fraction: float, drain_s: float) -> None:
+    def __init__(self, stage: str, memory_fraction: float, drain_s: float,
+                 stream_interval_s: float) -> None:
         self.stage, self.memory_fraction, self.drain_s = stage, memory_fraction, drain_s
+        self.stream_interval_s = stream_interval_s
         self.engine: Any = None
         self.folder_key: tuple | None = None
         self.draining: set[asyncio.Task] = set()
@@ -132,12 +136,20 @@ class StageModel:
             await asyncio.sleep(0.2)
         await asyncio.to_thread(old.shutdown)
 
+    def __del__(self) -> None:
+        """Serve calls this as it stops the replica: the engines' processes go with it."""
+        for task in list(getattr(self, "draining", ())):
+            task.cancel()
+        if getattr(self, "engine", None) is not None:
+            self.engine.shutdown()
+
     async def generate(self, request: SamplingFields, request_id: str) -> AsyncIterator[Any]:
-        from serve.engine import RequestError
+        from serve.engine import RequestError, batched
 
         try:
-            async for delta in self.engine.generate(request, request_id):
-                yield delta
+            async for batch in batched(self.engine.generate(request, request_id),
+                                       self.stream_interval_s):
+                yield batch
         except RequestError as e:  # sent as a value: the ingress turns it into a 400
             yield {"error": str(e), "param": e.param}
 
@@ -167,6 +179,15 @@ def read_api_key(env: str | None) -> str | None:
         raise ValueError(f"serve.api_key_env is {env!r}, but that environment variable is not "
                          "set (or empty)")
     return os.environ[env]
+
+
+async def replies(first: list[Delta], rest: Any) -> AsyncIterator[Delta]:
+    """The stage's stream of batches as deltas, each batch joined per choice."""
+    for delta in merge(first):
+        yield delta
+    async for batch in rest:
+        for delta in merge(batch):
+            yield delta
 
 
 # Ingress is pickled as it is defined (serve.ingress wraps it), so what it uses is defined above.
@@ -284,16 +305,11 @@ class Ingress:
             return StreamingResponse(self.sse(first, deltas, request, request_id, chat),
                                      media_type="text/event-stream")
         texts, finish = [""] * request.n, [None] * request.n
-        counts, prompt_tokens = [0] * request.n, first.prompt_tokens
-        delta = first
-        while True:
+        counts, prompt_tokens = [0] * request.n, first[0].prompt_tokens
+        async for delta in replies(first, deltas):
             texts[delta.index] += delta.text
             finish[delta.index] = delta.finish_reason or finish[delta.index]
             counts[delta.index] = delta.completion_tokens
-            try:
-                delta = await deltas.__anext__()
-            except StopAsyncIteration:
-                break
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
                  "total_tokens": prompt_tokens + sum(counts)}
         if chat:
@@ -307,8 +323,8 @@ class Ingress:
         return {"id": request_id, "object": kind, "created": now(), "model": request.model,
                 "choices": choices, "usage": usage}
 
-    async def sse(self, first: Any, deltas: Any, request: SamplingFields, request_id: str,
-                  chat: bool) -> AsyncIterator[str]:
+    async def sse(self, first: list[Delta], deltas: Any, request: SamplingFields,
+                  request_id: str, chat: bool) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
         created = now()
 
@@ -322,21 +338,18 @@ class Ingress:
         if chat:  # OpenAI opens every choice with the role
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
                           "finish_reason": None} for i in range(request.n)])
-        counts, prompt_tokens = [0] * request.n, first.prompt_tokens
-        delta = first
+        counts, prompt_tokens = [0] * request.n, first[0].prompt_tokens
+        finished = False
         try:
-            while delta is not None:
+            async for delta in replies(first, deltas):
                 counts[delta.index] = delta.completion_tokens
                 if delta.text or delta.finish_reason:
                     body = ({"delta": {"content": delta.text}} if chat else {"text": delta.text})
                     yield event([{"index": delta.index, **body,
                                   "finish_reason": delta.finish_reason, "logprobs": None}])
-                try:
-                    delta = await deltas.__anext__()
-                except StopAsyncIteration:
-                    delta = None
+            finished = True
         finally:
-            if delta is not None:  # the client went away: stop the engine's work on it
+            if not finished:  # the client went away: stop the engine's work on it
                 deltas.cancel()
         if request.stream_options and request.stream_options.include_usage:
             yield event([], {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
@@ -389,7 +402,7 @@ def build_app(run_dir: Path, cfg: ServeConfig, stages: list[str] | None = None) 
             graceful_shutdown_timeout_s=cfg.drain_timeout_s,
             autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
                                 "target_ongoing_requests": cfg.target_ongoing_requests},
-        ).bind(stage, cfg.vllm_memory_fraction, cfg.drain_timeout_s)
+        ).bind(stage, cfg.vllm_memory_fraction, cfg.drain_timeout_s, cfg.stream_interval_ms / 1000)
         for stage, folder in folders.items() if stage in CHAT_STAGES
     }
     reward = None

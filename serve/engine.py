@@ -8,8 +8,8 @@ tokenizers would turn special-token text typed by a user into control tokens.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from rlhf_ray.data.records import Message
 from rlhf_ray.modeling import model_max_len
 from rlhf_ray.tokenizer import load_tokenizer
-from serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from serve.protocol import ChatCompletionRequest, CompletionRequest, Delta, SamplingFields
 
 
 class RequestError(ValueError):
@@ -31,17 +31,6 @@ class RequestError(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
-
-
-@dataclass
-class Delta:
-    """A piece of one choice's reply."""
-
-    index: int
-    text: str
-    finish_reason: str | None  # "stop", "length" or None while it goes on
-    prompt_tokens: int
-    completion_tokens: int  # so far, for this choice
 
 
 class StageEngine:
@@ -111,3 +100,48 @@ class StageEngine:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+async def batched(deltas: AsyncIterator[Delta], interval_s: float) -> AsyncIterator[list[Delta]]:
+    """The stream's deltas in lists: the first at once, then what arrived in each `interval_s`.
+
+    Each list crosses Ray twice (replica -> ingress -> HTTP proxy); on a CPU one crossing costs
+    about as much as a token of a small model, so sending every token alone would halve the
+    server's throughput. Closing this generator early cancels the stream (and so aborts it)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump() -> None:
+        try:
+            async for delta in deltas:
+                queue.put_nowait(delta)
+            queue.put_nowait(end)
+        except Exception as e:  # handed over to be raised in the consumer
+            queue.put_nowait(e)
+
+    task = asyncio.create_task(pump())
+    loop = asyncio.get_running_loop()
+    try:
+        item = await queue.get()
+        deadline = loop.time()  # the first delta goes at once
+        while item is not end:
+            batch = []
+            while item is not end and not isinstance(item, Exception):
+                batch.append(item)
+                if queue.qsize():
+                    item = queue.get_nowait()
+                    continue
+                try:
+                    item = await asyncio.wait_for(queue.get(), deadline - loop.time())
+                except TimeoutError:
+                    item = None
+                    break
+            if batch:
+                yield batch
+            if isinstance(item, Exception):
+                raise item
+            deadline = loop.time() + interval_s
+            if item is None:
+                item = await queue.get()
+    finally:
+        task.cancel()

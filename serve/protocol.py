@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -88,3 +89,25 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
                code: str | None = None) -> dict:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@dataclass
+class Delta:
+    """A piece of one choice's reply."""
+
+    index: int
+    text: str
+    finish_reason: str | None  # "stop", "length" or None while it goes on
+    prompt_tokens: int
+    completion_tokens: int  # so far, for this choice
+
+
+def merge(batch: list[Delta]) -> list[Delta]:
+    """A batch's deltas joined per choice (choices in the order they first appear)."""
+    merged: dict[int, Delta] = {}
+    for d in batch:
+        m = merged.get(d.index)
+        merged[d.index] = d if m is None else Delta(
+            d.index, m.text + d.text, d.finish_reason or m.finish_reason, d.prompt_tokens,
+            d.completion_tokens)
+    return list(merged.values())
