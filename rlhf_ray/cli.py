@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="HTTP port (default: serve.port, 8000)")
     serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one setting of the run's config, e.g. --set serve.max_replicas=2")
+    plan = commands.add_parser("plan", help="print each role's memory, placement and the GPU count "
+                               "for a config, without running anything")
+    _add_config_args(plan)
+    plan.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU (default 80)")
+    plan.add_argument("--prompt-tokens", type=int,
+                      help="longest RL prompt (default: whatever the context leaves)")
     talk = commands.add_parser("chat", help="chat in the terminal with a running server's model")
     talk.add_argument("--url", default="http://127.0.0.1:8000", help="the server (rlhf-ray serve)")
     talk.add_argument("--model", default="rlhf", help="base, sft or rlhf")
@@ -128,6 +134,11 @@ def main(argv: list[str] | None = None) -> None:
             chat(args.url, args.model, args.api_key, args.temperature, args.max_tokens)
             return
         cfg = load_config(args.config, args.overrides)
+        if args.command == "plan":
+            from rlhf_ray.plan import format_plan, plan_run
+
+            print(format_plan(plan_run(cfg, args.gpu_memory_gb, args.prompt_tokens)))
+            return
         run_command(args.command, cfg)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         if os.environ.get("RLHF_RAY_DEBUG"):

@@ -1,11 +1,16 @@
-"""Connecting to Ray: an embedded local Ray by default, or an existing cluster."""
+"""Connecting to Ray (an embedded local Ray by default, or an existing cluster) and waiting for
+resources with a message that says what is missing."""
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Callable
+
 import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from rlhf_ray.config import ClusterConfig
-
 
 # The runtime_env of our actors and replicas. vLLM's per-request INFO lines and transformers'
 # progress bars would bury the driver's own progress lines; OpenMP threads that spin-wait after a
@@ -14,12 +19,74 @@ ACTOR_ENV = {"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_DISABLE_PROGR
                           "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1",
                           "OMP_WAIT_POLICY": "PASSIVE"}}
 
+Bundle = dict[str, float]
+
+
+class ResourcesError(RuntimeError):
+    """The cluster cannot (or did not in time) provide the resources a stage asks for."""
+
+
+def joins_cluster(cluster: ClusterConfig) -> bool:
+    """Whether this run joins an existing cluster (which may autoscale) rather than starting one."""
+    return cluster.address is not None or "RAY_ADDRESS" in os.environ
+
 
 def connect(cluster: ClusterConfig) -> None:
-    """Start (or join) Ray once per process; a job submitted with `ray job submit` joins its cluster."""
+    """Start (or join) Ray once per process. A job submitted with `ray job submit` joins the
+    cluster it was submitted to (Ray sets RAY_ADDRESS for it) unless cluster.address says otherwise."""
     if ray.is_initialized():
         return
-    if cluster.address is None:
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address is None:
         ray.init(num_cpus=cluster.num_cpus, log_to_driver=True)
     else:
-        ray.init(address=cluster.address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)
+
+
+def in_ray_job() -> bool:
+    """Whether this process is the driver of a job submitted with `ray job submit`."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray's job supervisor
+
+
+def describe(bundle: Bundle) -> str:
+    return "{" + ", ".join(f"{k} {v:g}" for k, v in bundle.items()) + "}"
+
+
+def why_unplaceable(bundles: list[Bundle]) -> str:
+    """Why the cluster as it is now cannot hold `bundles`, if that is plain; '' otherwise."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    for b in bundles:
+        if not any(all(node.get(k, 0) >= v for k, v in b.items()) for node in nodes):
+            largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+            return (f"; no node can hold a bundle of {describe(b)} (the largest has "
+                    f"{describe({k: largest.get(k, 0) for k in b})}): it is larger than any node "
+                    "here, so only an autoscaler adding a bigger node type can satisfy it")
+    totals = ray.cluster_resources()
+    for key in {k for b in bundles for k in b}:
+        asked = sum(b.get(key, 0) for b in bundles)
+        if asked > totals.get(key, 0):
+            return f"; {asked:g} {key} asked in all, the cluster has {totals.get(key, 0):g}"
+    return ""
+
+
+def reserve(what: str, bundles: list[Bundle], strategy: str, timeout_s: float,
+            log: Callable[[str], None] = print) -> PlacementGroup:
+    """All of `bundles` in one placement group (an autoscaler sees the whole demand). While it
+    waits it says, every 30 s, what for and why; after `timeout_s` it gives up with that message."""
+    group = placement_group(bundles, strategy=strategy)
+    ready, start = group.ready(), time.monotonic()
+    asked = " + ".join(describe(b) for b in bundles)
+    while True:
+        waited = time.monotonic() - start
+        done, _ = ray.wait([ready], timeout=max(0.0, min(30.0, timeout_s - waited)))
+        if done:
+            return group
+        waited = time.monotonic() - start
+        message = (f"{what} waiting {waited:.0f}s for {asked} (strategy {strategy}); the cluster "
+                   f"has {describe(ray.cluster_resources())}, free now "
+                   f"{describe(ray.available_resources())}{why_unplaceable(bundles)}")
+        if waited >= timeout_s:
+            remove_placement_group(group)
+            raise ResourcesError(f"{message}; gave up after {timeout_s:g}s (the stage's "
+                                 "placement_timeout_s)")
+        log(message)

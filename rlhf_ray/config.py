@@ -146,6 +146,13 @@ class Resources(Section):
     num_workers: int = Field(1, ge=1, description="Data-parallel workers.")
     use_gpu: bool = Field(False, description="Give each worker a GPU (NCCL; bf16 autocast).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy for the workers."
+    )
+    placement_timeout_s: float = Field(
+        600.0, gt=0, description="On a cluster joined (which may autoscale): how long to wait for "
+        "the workers' resources, saying what is missing, before giving up.",
+    )
 
 
 class Optim(Section):

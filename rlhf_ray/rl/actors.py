@@ -8,15 +8,15 @@ them within `placement_timeout_s`, the error says what was asked and what the cl
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlhf_ray import cluster
 from rlhf_ray.cluster import ACTOR_ENV
 from rlhf_ray.config import PPOConfig, RoleResources
 from rlhf_ray.rl.roles import PolicyRole, ReferenceRole, RewardModelRole, ValueRole
@@ -69,23 +69,10 @@ def reserve(ppo: PPOConfig, roles: list[str]) -> Placement:
             bundles.append(bundle(res.rollout, res.tensor_parallel_size))
         else:
             bundles.append(bundle(getattr(res, role)))
-    group = placement_group(bundles, strategy=res.placement_strategy, name="")
-    start = time.monotonic()
-    ready = group.ready()
-    while True:
-        done, _ = ray.wait([ready], timeout=min(30.0, ppo.resources.placement_timeout_s))
-        if done:
-            return Placement(group, index)
-        waited = time.monotonic() - start
-        asked = " + ".join(f"{r} {b}" for r, b in zip(roles, bundles))
-        message = (f"PPO roles waiting {waited:.0f}s for resources: {asked} "
-                   f"(strategy {res.placement_strategy}); the cluster has "
-                   f"{ray.cluster_resources()}, free now {ray.available_resources()}")
-        if waited >= ppo.resources.placement_timeout_s:
-            remove_placement_group(group)
-            raise RuntimeError(message + f"; gave up after placement_timeout_s="
-                               f"{ppo.resources.placement_timeout_s:g}")
-        print(f"[ppo] {message}", flush=True)
+    names = ", ".join(roles)
+    group = cluster.reserve(f"PPO roles ({names})", bundles, res.placement_strategy,
+                    res.placement_timeout_s, log=lambda m: print(f"[ppo] {m}", flush=True))
+    return Placement(group, index)
 
 
 def start_rollout(placement: Placement, role: str, ppo: PPOConfig, model_dir: Path,

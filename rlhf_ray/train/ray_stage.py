@@ -13,13 +13,11 @@ import ray.train
 import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.placement_group import remove_placement_group
 
+from rlhf_ray.cluster import ResourcesError, reserve
 from rlhf_ray.config import Resources
 from rlhf_ray.train.loop import Task, Worker, train
-
-
-class ResourcesError(RuntimeError):
-    """The cluster cannot hold the workers a stage asks for."""
 
 
 def check_resources(stage_name: str, resources: Resources, autoscaling: bool) -> None:
@@ -39,16 +37,28 @@ def check_resources(stage_name: str, resources: Resources, autoscaling: bool) ->
                              "or add nodes")
 
 
+def wait_for_workers(stage_name: str, resources: Resources, per_worker: dict[str, float]) -> None:
+    """On a cluster that may grow: wait (saying for what) until the workers fit, or give up."""
+    group = reserve(f"{stage_name} ({resources.num_workers} workers)",
+                    [per_worker] * resources.num_workers, resources.placement_strategy,
+                    resources.placement_timeout_s,
+                    log=lambda message: print(f"[{stage_name}] {message}", flush=True))
+    remove_placement_group(group)  # Ray Train reserves them again at once
+
+
 def run_on_ray_train(task: Task, storage: Path, metrics_path: Path, autoscaling: bool = False) -> dict[str, Any]:
     """Train `task` with Ray Train; resumes from `storage` if an earlier run of it left checkpoints."""
     resources = task.stage.resources
     check_resources(task.name, resources, autoscaling)
     per_worker = {"CPU": resources.cpus_per_worker} | ({"GPU": 1} if resources.use_gpu else {})
+    if autoscaling:
+        wait_for_workers(task.name, resources, per_worker)
     trainer = TorchTrainer(
         train_loop_per_worker=_worker_main,
         train_loop_config={"task": task, "metrics_path": str(metrics_path)},
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-                                     resources_per_worker=per_worker),
+                                     resources_per_worker=per_worker,
+                                     placement_strategy=resources.placement_strategy),
         run_config=ray.train.RunConfig(
             name=task.name,
             storage_path=str(Path(storage).resolve()),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhf_ray.cluster import joins_cluster
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.readers import RecordError, read_many
 from rlhf_ray.data.records import ChatRecord, ComparisonRecord
@@ -102,4 +103,4 @@ def reward_task(cfg: RunConfig, files: dict[str, list[Path]]) -> RewardTask:
 def train_stage(task: PretrainTask | SFTTask | RewardTask, cfg: RunConfig) -> dict:
     return run_on_ray_train(task, storage=cfg.run_dir / "checkpoints",
                             metrics_path=cfg.run_dir / "metrics" / f"{task.name}.jsonl",
-                            autoscaling=cfg.cluster.address is not None)
+                            autoscaling=joins_cluster(cfg.cluster))

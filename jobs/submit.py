@@ -1,0 +1,51 @@
+"""What every job entry point shares: the run config, a run folder that outlives the job, errors.
+
+Inside a job submitted with a `working_dir`, the current directory is a temporary copy of it, so
+a relative `runs_dir` (config paths resolve against the current directory) would put the run
+where the next submission cannot find it, and refuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rlhf_ray.cli import run_command
+from rlhf_ray.cluster import in_ray_job
+from rlhf_ray.config import ConfigError, RunConfig, load_config
+
+
+def parse_config(argv: list[str], description: str, stage: bool = False) -> tuple[str, RunConfig]:
+    parser = argparse.ArgumentParser(description=description)
+    if stage:
+        parser.add_argument("stage", choices=["data", "tokenizer", "pretrain", "sft", "reward", "ppo"])
+    parser.add_argument("--config", required=True, help="run config YAML (a path in the working_dir)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set runs_dir=/mnt/shared/runs")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if in_ray_job() and cfg.runs_dir.is_relative_to(Path.cwd()):
+        raise ConfigError(
+            f"runs_dir resolves to {cfg.runs_dir}, inside this job's temporary copy of its "
+            "working_dir: the run would be lost when the job ends, invisible to other nodes, and "
+            "a resubmission could not resume it. Give an absolute path on storage every node "
+            "shares, e.g. --set runs_dir=/mnt/shared/runs")
+    return (args.stage if stage else "pipeline"), cfg
+
+
+def run_job(argv: list[str], description: str, stage: bool = False) -> None:
+    """Run the command; a failure prints one clear line and exits non-zero (the job FAILS)."""
+    try:
+        command, cfg = parse_config(argv, description, stage)
+        print(f"rlhf-ray job: {command} of run {cfg.name!r} -> {cfg.run_dir.resolve()}", flush=True)
+        run_command(command, cfg)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"rlhf-ray job: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except Exception as e:
+        if not type(e).__module__.startswith("ray"):
+            raise
+        print(f"rlhf-ray job: failed on Ray: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    print("rlhf-ray job: done", flush=True)

@@ -1,0 +1,356 @@
+"""A paper check of a run: each role's memory per device, its placement, and the GPUs in all.
+
+Nothing is loaded or started; the numbers follow from the config and from what the code does:
+- Trainers (Ray Train workers, PPO policy and value) keep float32 weights under bf16 autocast
+  (train/loop.py, rl/roles.py), so there is no separate master copy: weights 4 B + gradients 4 B +
+  AdamW's two float32 moments 8 B = 16 B/param, divided over the workers by FSDP, not by DDP; PPO
+  actors never shard. Autocast saves a bf16 copy of every weight for the backward (2 B/param,
+  FSDP or not), counted under activations.
+- Activations per token, as autograd saves them (measured on transformers' Llama with SDPA, so no
+  seq^2 term; the project has no activation checkpointing): per layer 24h + b(3h + 2kv*d + 4i),
+  b = 2 under bf16 autocast, 4 in float32; logits (b + 8)V for the LM loss, (b + 16)V for PPO's
+  logprobs + entropy. A forward pass without gradients: 8h + 3bi per token, plus its logits.
+- precision "auto" is bf16 on a GPU and taken as float32 on a CPU. The reference and reward actors
+  load float32 weights; vLLM runs bf16 on a GPU, float32 on a CPU.
+- Sequences: pretrain.seq_len; SFT and reward model.max_seq_len (2 per comparison); PPO prompt +
+  max_new_tokens, the prompt at most context - max_new_tokens unless `prompt_tokens` says.
+GB is 1e9 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf_ray.config import RunConfig, TrainStage
+from rlhf_ray.tokenizer import load_tokenizer
+
+GB = 1e9
+CHAT_STAGES = ("base", "sft", "rlhf")  # serve/app.py: the stages vLLM replicas serve
+
+
+class PlanError(ValueError):
+    """The plan cannot be made; the message names the setting or file at fault."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    max_seq_len: int  # the model folder's context (max_position_embeddings)
+    tied: bool  # lm_head shares the input embedding
+    qkv_bias: bool = False  # Qwen2's biases on the q/k/v projections
+
+
+@dataclass
+class RoleMemory:
+    """One role's bytes per device: per GPU when `budget` is set, else host memory (unchecked)."""
+
+    role: str
+    placement: str
+    weights: float = 0.0
+    grads: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+    kv_cache: float = 0.0
+    budget: float | None = None  # what this role may use of each GPU
+    fits: bool | None = None
+    note: str = ""  # the smallest change that makes it fit, or a caveat
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations + self.kv_cache
+
+
+@dataclass
+class StagePlan:
+    name: str
+    roles: list[RoleMemory]
+    gpus: int
+    cpus: float
+    seq_len: int  # tokens per sequence assumed
+    strategy: str = ""  # of the Ray placement group its bundles go in
+
+
+@dataclass
+class Plan:
+    shape: ModelShape
+    params: int
+    gpu_memory_gb: float
+    stages: list[StagePlan]
+    training_gpus: int  # stages run one after another: the cluster needs the largest
+    serve_gpus: int
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def model_shape(cfg: RunConfig) -> ModelShape:
+    """The policy's architecture: model.pretrained's config.json, else the model.* fields."""
+    m, tokenizer = cfg.model, cfg.tokenizer.pretrained
+    if m.pretrained is not None:
+        return _shape_from_folder(Path(m.pretrained))
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise PlanError(f"tokenizer.pretrained: {tokenizer} not found; its size sets the vocabulary")
+    # modeling.llama_config takes the tokenizer's size; a trained BPE's is tokenizer.vocab_size
+    # (or less, if the corpus runs out of merges)
+    vocab = load_tokenizer(Path(tokenizer)).vocab_size if tokenizer else cfg.tokenizer.vocab_size
+    return ModelShape(m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads,
+                      m.hidden_size // m.num_heads, m.intermediate_size, vocab, m.max_seq_len,
+                      m.tie_word_embeddings)
+
+
+def _shape_from_folder(folder: Path) -> ModelShape:
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise PlanError(f"model.pretrained: {folder} not found on this machine; plan with explicit "
+                        "sizes: --set model.pretrained=null model.hidden_size=... tokenizer.vocab_size=...")
+    if not path.is_file():
+        raise PlanError(f"model.pretrained: {path} not found (not a Hugging Face model folder)")
+    c = json.loads(path.read_text())
+    try:
+        heads, hidden = c["num_attention_heads"], c["hidden_size"]
+        return ModelShape(c["num_hidden_layers"], hidden, heads, c.get("num_key_value_heads") or heads,
+                          c.get("head_dim") or hidden // heads, c["intermediate_size"], c["vocab_size"],
+                          c["max_position_embeddings"], bool(c.get("tie_word_embeddings", False)),
+                          c.get("model_type") == "qwen2" or bool(c.get("attention_bias", False)))
+    except KeyError as e:
+        raise PlanError(f"{path}: no {e.args[0]!r} (a Llama/Qwen config.json has it)") from None
+
+
+def count_params(s: ModelShape, scalar_head: bool = False) -> int:
+    """The Llama causal LM's parameters; with `scalar_head` the reward/value model's
+    (LlamaForSequenceClassification: no lm_head, a bias-free hidden -> 1 score)."""
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    attention = s.hidden * (q + 2 * kv) + q * s.hidden + (q + 2 * kv) * s.qkv_bias
+    mlp = 3 * s.hidden * s.intermediate  # gate, up, down
+    layer = attention + mlp + 2 * s.hidden  # + two RMSNorm weights
+    embedding = s.vocab * s.hidden
+    head = s.hidden if scalar_head else (0 if s.tied else embedding)
+    return embedding + s.layers * layer + s.hidden + head  # + the final norm
+
+
+def kv_bytes_per_token(s: ModelShape, dtype_bytes: int) -> int:
+    return 2 * s.layers * s.kv_heads * s.head_dim * dtype_bytes
+
+
+def activation_bytes(s: ModelShape, tokens: int, bf16: bool, logits: int | None) -> int:
+    """Saved for the backward by `tokens` tokens; `logits`: float32 bytes per vocab entry beyond
+    the logits themselves (8 for the LM loss, 16 for PPO's), None for a scalar head."""
+    b = 2 if bf16 else 4
+    per_layer = 24 * s.hidden + b * (3 * s.hidden + 2 * s.kv_heads * s.head_dim + 4 * s.intermediate)
+    return tokens * (s.layers * per_layer + (0 if logits is None else (b + logits) * s.vocab))
+
+
+def forward_bytes(s: ModelShape, tokens: int, bf16: bool, lm: bool) -> int:
+    """A forward pass without gradients: about one layer alive, plus logprobs and entropy."""
+    b = 2 if bf16 else 4
+    return tokens * (8 * s.hidden + 3 * b * s.intermediate + ((b + 16) * s.vocab if lm else 0))
+
+
+# --------------------------------------------------------------------------- roles and stages
+
+
+def _bundle(cpus: float, gpus: float, bf16: bool | None = None) -> str:
+    dtype = "" if bf16 is None else " bf16" if bf16 else " fp32"
+    return f"{{CPU: {cpus:g}" + (f", GPU: {gpus:g}}}" if gpus else "}") + dtype
+
+
+def _bf16(precision: str, on_gpu: bool) -> bool:
+    return precision == "bfloat16" or (precision == "auto" and on_gpu)
+
+
+def _trainer(role: str, placement: str, params: int, act: float, bf16: bool, budget: float | None,
+             shards: int = 1) -> RoleMemory:
+    copies = 2 * params if bf16 else 0  # autocast's bf16 weights, saved for the backward
+    return RoleMemory(role, placement, 4 * params / shards, 4 * params / shards, 8 * params / shards,
+                      act + copies, budget=budget)
+
+
+def _check(r: RoleMemory, fix: str) -> RoleMemory:
+    if r.budget is not None:
+        r.fits = r.total <= r.budget
+        r.note = "" if r.fits else fix
+    return r
+
+
+def train_stage(name: str, st: TrainStage, s: ModelShape, params: int, seq: int, gpu: float,
+                per_item: int = 1, logits: int | None = 8) -> StagePlan:
+    """pretrain/sft/reward: Ray Train workers, one GPU each with use_gpu (ray_stage.py)."""
+    res = st.resources
+    shards = res.num_workers if st.strategy == "fsdp" else 1  # loop.py: fsdp only with >1 worker
+    bf16 = _bf16(st.precision, res.use_gpu)
+    act = activation_bytes(s, st.micro_batch_size * per_item * seq, bf16, logits)
+    placement = f"{res.num_workers} x {_bundle(res.cpus_per_worker, res.use_gpu, bf16)} {st.strategy}"
+    r = _trainer("worker", placement, params, act, bf16, gpu if res.use_gpu else None, shards)
+    copies = r.activations - act
+    most = int((gpu - copies) // (act / st.micro_batch_size))  # sequences per micro-batch that fit
+    if r.activations < gpu:
+        fix = (f"needs strategy fsdp over >= {math.ceil(16 * params / (gpu - r.activations))} GPUs "
+               f"({name}.resources.num_workers)")
+    elif copies >= gpu:  # loop.py shards float32 weights; autocast's bf16 copies are whole
+        fix = f"autocast's bf16 copy of all weights ({copies / GB:.0f} GB) alone exceeds the GPU, FSDP or not"
+    elif most > 0:
+        fix = f"activations exceed the GPU: {name}.micro_batch_size <= {most}, then re-plan"
+    else:
+        fix = "one sequence's activations exceed the GPU (no activation checkpointing): shorten it"
+    gpus, cpus = res.num_workers * res.use_gpu, res.num_workers * res.cpus_per_worker
+    return StagePlan(name, [_check(r, fix)], gpus, cpus, seq, getattr(res, "placement_strategy", "PACK"))
+
+
+def ppo_stage(cfg: RunConfig, s: ModelShape, gpu: float, prompt_tokens: int | None) -> StagePlan:
+    """rl/ppo.py's roles, one bundle each in one placement group (rl/actors.py reserve)."""
+    ppo, res = cfg.ppo, cfg.ppo.resources
+    prompt = s.max_seq_len - ppo.max_new_tokens if prompt_tokens is None else prompt_tokens
+    seq, batch = prompt + ppo.max_new_tokens, ppo.prompts_per_step * ppo.samples_per_prompt
+    lm, scalar = count_params(s), count_params(s, scalar_head=True)
+    tp, engines, rollout = res.tensor_parallel_size, ppo.num_rollout_engines, res.rollout
+    dtype = 2 if ppo.rollout_dtype == "bfloat16" or (ppo.rollout_dtype == "auto" and rollout.num_gpus) else 4
+    roles = [_vllm("rollout", f"{engines} x {_bundle(rollout.num_cpus, rollout.num_gpus * tp)} tp {tp}",
+                   bool(rollout.num_gpus), s, lm, dtype, math.ceil(batch / engines), seq, gpu,
+                   ppo.vllm_memory_fraction, "ppo", tp)]
+
+    def role(name: str, params: int, logits: int | None, trained: bool) -> RoleMemory:
+        r = getattr(res, name)
+        bf16, budget = _bf16(ppo.precision, bool(r.num_gpus)), gpu * min(r.num_gpus, 1) or None
+        placement = _bundle(r.num_cpus, r.num_gpus, bf16)
+        scoring = forward_bytes(s, batch * seq, bf16, logits is not None)  # the whole batch at once
+        if not trained:
+            m = RoleMemory(name, placement, 4 * params, activations=scoring, budget=budget)
+        else:
+            if name == "policy" and ppo.old_logprobs == "rollout":
+                scoring = 0  # the policy's own logprobs pass is skipped
+            update = activation_bytes(s, ppo.mini_batch_size * seq, bf16, logits)
+            m = _trainer(name, placement, params, max(update, scoring), bf16, budget)
+        if r.num_gpus < 1 and m.total <= gpu:  # these roles do not shard
+            return _check(m, "give it a whole GPU (num_gpus: 1)")
+        if m.total - m.activations <= gpu:
+            knobs = "ppo.mini_batch_size / prompts_per_step" if trained else "ppo.prompts_per_step"
+            return _check(m, f"activations too large: lower {knobs}")
+        return _check(m, f"no {gpu / GB:g} GB GPU holds it; PPO roles do not shard")
+
+    roles += [role("policy", lm, 16, True), role("reference", lm, 16, False)]
+    if ppo.estimator == "gae":
+        roles.append(role("value", scalar, None, True))
+    if ppo.reward_source == "model":
+        roles.append(role("reward", scalar, None, False))
+    bundles = [rollout.num_gpus * tp] * engines + [getattr(res, m.role).num_gpus for m in roles[1:]]
+    cpus = rollout.num_cpus * engines + sum(getattr(res, m.role).num_cpus for m in roles[1:])
+    return StagePlan("ppo", roles, gpus_for(bundles), cpus, seq, res.placement_strategy)
+
+
+def _vllm(role: str, placement: str, on_gpu: bool, s: ModelShape, params: int, dtype: int, seqs: int,
+          seq: int, gpu: float, fraction: float, section: str, tp: int | None = None) -> RoleMemory:
+    """A vLLM engine: its 1/tp of the weights and of the KV cache of `seqs` sequences of `seq`
+    tokens at once. It must hold one whole sequence; holding fewer than all, the rest wait."""
+    n = tp if on_gpu and tp else 1
+    weights, seq_kv = params * dtype, kv_bytes_per_token(s, dtype) * seq
+    r = RoleMemory(role, placement, weights / n, kv_cache=seq_kv * seqs / n)
+    if not on_gpu:
+        return r
+    r.budget = gpu * fraction  # vLLM's gpu_memory_utilization
+    r.fits = (weights + seq_kv) / n <= r.budget
+    if r.total <= r.budget:
+        return r
+    want = weights + seq_kv * (seqs if r.fits else 1)  # every sequence at once, or the first
+    needed = math.ceil(100 * want / n / gpu) / 100  # of the GPU
+    fixes = [f"{section}.vllm_memory_fraction >= {needed:g}"] * (needed <= 0.95)
+    tp_min = math.ceil(want / r.budget)  # rounded up to a divisor of the heads, as vLLM needs
+    tp_min = next((t for t in range(tp_min, s.heads + 1) if s.heads % t == 0), tp_min)
+    fixes += [f"{section}.resources.tensor_parallel_size >= {tp_min}"] * (tp is not None)
+    room = int((r.budget - r.weights) // (seq_kv / n))
+    r.note = (f"KV cache holds ~{room} of {seqs} sequences at once (the rest wait); for all: " if r.fits
+              else f"weights + one {seq}-token sequence exceed {r.budget / GB:.1f} GB: ")
+    r.note += " or ".join(fixes) or (f"lower {section}.max_ongoing_requests" if r.fits
+                                     else f"no {gpu / GB:g} GB GPU holds it (no tensor parallelism)")
+    return r
+
+
+def serve_stage(cfg: RunConfig, s: ModelShape, gpu: float) -> StagePlan:
+    """serve/app.py build_app: up to max_replicas vLLM replicas per chat stage (no tensor
+    parallelism), and one reward-model replica in float32 on its CPU."""
+    sv = cfg.serve
+    chat = [st for st in sv.stages if st in CHAT_STAGES  # a pretrained run has no base/ of its own
+            and not (st == "base" and cfg.model.pretrained and "base" not in sv.folders)]
+    on_gpu, replicas = bool(sv.gpus_per_replica), len(chat) * sv.max_replicas
+    bundle = f"{replicas} x {_bundle(sv.cpus_per_replica, sv.gpus_per_replica)}"
+    roles = [_vllm(f"{'/'.join(chat)} replica", bundle, on_gpu, s, count_params(s), 2 if on_gpu else 4,
+                   sv.max_ongoing_requests, s.max_seq_len, gpu, sv.vllm_memory_fraction, "serve")
+             ] if chat else []
+    if "reward" in sv.stages:
+        roles.append(RoleMemory("reward replica", f"1 x {_bundle(sv.cpus_per_replica, 0)}",
+                                4 * count_params(s, scalar_head=True)))
+    cpus = sv.cpus_per_replica * (replicas + ("reward" in sv.stages))
+    return StagePlan("serve", roles, gpus_for([sv.gpus_per_replica] * replicas), cpus, s.max_seq_len)
+
+
+def gpus_for(bundles: list[float]) -> int:
+    """GPUs for Ray bundles: whole ones as asked, fractions packed first-fit decreasing."""
+    free: list[float] = []  # what is left of each GPU holding fractions
+    for b in sorted((b for b in bundles if 0 < b < 1), reverse=True):
+        i = next((i for i, f in enumerate(free) if f >= b - 1e-9), None)
+        if i is None:
+            free.append(1.0 - b)
+        else:
+            free[i] -= b
+    return sum(math.ceil(b) for b in bundles if b >= 1) + len(free)
+
+
+def plan_run(cfg: RunConfig, gpu_memory_gb: float = 80.0, prompt_tokens: int | None = None) -> Plan:
+    """Every stage of `cfg`: its roles' memory per device, placement and GPUs.
+    `prompt_tokens`: the longest RL prompt (default: the most the context leaves)."""
+    if not gpu_memory_gb > 0:
+        raise PlanError(f"gpu_memory_gb must be > 0, got {gpu_memory_gb}")
+    if prompt_tokens is not None and prompt_tokens < 1:
+        raise PlanError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
+    s, gpu = model_shape(cfg), gpu_memory_gb * GB
+    lm, scalar = count_params(s), count_params(s, scalar_head=True)
+    stages = [] if cfg.model.pretrained else [  # pipeline.py: a pretrained model skips pretraining
+        train_stage("pretrain", cfg.pretrain, s, lm, cfg.pretrain.seq_len, gpu)]
+    stages += [train_stage("sft", cfg.sft, s, lm, cfg.model.max_seq_len, gpu),
+               train_stage("reward", cfg.reward, s, scalar, cfg.model.max_seq_len, gpu, 2, None),
+               ppo_stage(cfg, s, gpu, prompt_tokens)]
+    serve = serve_stage(cfg, s, gpu)
+    return Plan(s, lm, gpu_memory_gb, stages + [serve], max(st.gpus for st in stages), serve.gpus)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _size(n: float | None) -> str:
+    return "-" if not n else f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as plain-text tables, one per stage, and the GPU count."""
+    s, p = plan.shape, plan.params
+    out = [f"model: {f'{p / 1e9:.2f}B' if p >= 1e9 else f'{p / 1e6:.1f}M'} parameters ({s.layers} layers, "
+           f"hidden {s.hidden}, {s.heads} heads, {s.kv_heads} kv heads of {s.head_dim}, "
+           f"MLP {s.intermediate}, vocab {s.vocab}, context {s.max_seq_len}"
+           f"{', tied embeddings' if s.tied else ''}); "
+           f"{plan.gpu_memory_gb:g} GB GPUs"]
+    header = ("role", "placement", "weights", "grads", "optimizer", "activations", "KV cache",
+              "total/device", "budget", "fits?")
+    for st in plan.stages:
+        rows = [header] + [
+            (r.role, r.placement,
+             *map(_size, (r.weights, r.grads, r.optimizer, r.activations, r.kv_cache, r.total)),
+             _size(r.budget) if r.budget else "host", {True: "yes", False: "NO", None: "cpu"}[r.fits])
+            for r in st.roles]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        where = f" in one {st.strategy} placement group" if st.strategy else ""
+        out += ["", f"{st.name}: {st.gpus} GPU(s), {st.cpus:g} CPUs{where}, sequences of {st.seq_len} tokens"]
+        for row in rows:  # names left-aligned, numbers right-aligned
+            out.append("  " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                                         for i, (c, w) in enumerate(zip(row, widths))))
+        out += [f"  - {r.role}: {r.note}" for r in st.roles if r.note]
+    out += ["", f"GPUs: {plan.training_gpus} to train (the largest stage; stages run one after another), "
+                f"{plan.serve_gpus} to serve (at serve.max_replicas)"]
+    return "\n".join(out)
