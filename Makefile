@@ -5,7 +5,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/rlhf-ray pipeline --config configs/demo.yaml
+	.venv/bin/rlhf-ray demo --config configs/demo.yaml
 
 test: setup
 	.venv/bin/pytest tests

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from rlhf_ray.config import ConfigError, RunConfig, load_config
 
@@ -38,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="HTTP port (default: serve.port, 8000)")
     serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one setting of the run's config, e.g. --set serve.max_replicas=2")
+    demo = commands.add_parser("demo", help="every stage on the demo config, the report (report.md, "
+                               "plots), then serve all stages until Ctrl-C")
+    demo.add_argument("--config", default="configs/demo.yaml", help="run config (default: %(default)s)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override one setting (repeatable)")
+    demo.add_argument("--no-serve", dest="serve", action="store_false",
+                      help="stop after the report instead of serving the models")
     plan = commands.add_parser("plan", help="print each role's memory, placement and the GPU count "
                                "for a config, without running anything")
     _add_config_args(plan)
@@ -56,11 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve_run(args: argparse.Namespace) -> None:
     """Deploy and print the URLs; on an embedded Ray, serve until Ctrl-C (or SIGTERM)."""
-    import signal
-    import time
     from pathlib import Path
-
-    from ray import serve as ray_serve
 
     from serve.run import served_models, start
 
@@ -72,22 +76,54 @@ def serve_run(args: argparse.Namespace) -> None:
             overrides.append(f"{key}={value}")
     cfg = load_config(run_dir / "config.yaml", overrides)
     url = start(run_dir, cfg)
-    print(f"rlhf-ray: serving {', '.join(served_models(run_dir, cfg))} from {run_dir}\n"
-          f"  API: {url}/v1  (models: GET {url}/v1/models; OpenAI clients: base_url={url}/v1)\n"
-          f"  chat page: {url}/", flush=True)
+    print_urls(url, served_models(run_dir, cfg), run_dir)
     if cfg.cluster.address is not None:  # the app lives on in the cluster, like `serve deploy`
         print("rlhf-ray: deployed; it serves until `serve shutdown`. Run this command again to "
               "roll out changed stage folders.", flush=True)
         return
-    # A `kill` stops the server as Ctrl-C does: replicas shut their vLLM engines down, rather
-    # than leaving engine processes behind when Ray's processes go.
+    wait_for_ctrl_c()
+
+
+def wait_for_ctrl_c() -> None:
+    """Serve until Ctrl-C; a `kill` (SIGTERM) stops it the same way, so replicas shut their vLLM
+    engines down rather than leaving engine processes behind when Ray's processes go."""
+    import signal
+    import time
+
+    from ray import serve as ray_serve
+
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ray Train's fit() replaced it
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("rlhf-ray: stopping the server", flush=True)
         ray_serve.shutdown()
+
+
+def print_urls(url: str, models: list[str], run_dir: object) -> None:
+    print(f"rlhf-ray: serving {', '.join(models)} from {run_dir}\n"
+          f"  API: {url}/v1  (models: GET {url}/v1/models; OpenAI clients: base_url={url}/v1)\n"
+          f"  chat page: {url}/", flush=True)
+
+
+def run_demo(cfg: RunConfig, serve: bool) -> None:
+    """The newcomer's command: every stage, the report, then every stage's model served."""
+    from rlhf_ray import pipeline
+    from rlhf_ray.report import write_report
+
+    started = time.perf_counter()
+    run_dir = pipeline.run_pipeline(cfg)
+    report = write_report(cfg, pipeline.data_files(cfg)["rl_eval"])
+    print("\n" + report.read_text(encoding="utf-8"), flush=True)
+    print(f"rlhf-ray: demo done in {time.perf_counter() - started:.0f}s; report {report}, "
+          f"training curves {run_dir / 'plots' / 'training_curves.png'}", flush=True)
+    if serve:
+        from serve.run import served_models, start
+
+        print_urls(start(run_dir, cfg), served_models(run_dir, cfg), run_dir)
+        wait_for_ctrl_c()
 
 
 def run_command(command: str, cfg: RunConfig) -> None:
@@ -134,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
             chat(args.url, args.model, args.api_key, args.temperature, args.max_tokens)
             return
         cfg = load_config(args.config, args.overrides)
+        if args.command == "demo":
+            run_demo(cfg, args.serve)
+            return
         if args.command == "plan":
             from rlhf_ray.plan import format_plan, plan_run
 
