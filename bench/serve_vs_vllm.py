@@ -100,16 +100,22 @@ def wait_ready(url: str, server: subprocess.Popen, timeout_s: float = 600) -> No
 
 
 def stop(server: subprocess.Popen) -> None:
+    """Stop the server and everything it started (vLLM engine processes may be in other process
+    groups), so nothing of it runs into the next round."""
+    import psutil
+
+    family = psutil.Process(server.pid).children(recursive=True) if server.poll() is None else []
     if server.poll() is None:
         os.killpg(server.pid, signal.SIGINT)
     try:
         server.wait(120)
     except subprocess.TimeoutExpired:
         pass
-    try:  # whatever the server left in its process group must not run into the next round
-        os.killpg(server.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    for process in [psutil.Process(server.pid), *family] if server.poll() is None else family:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
     server.wait()
     subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"],
                    capture_output=True)

@@ -103,7 +103,8 @@ class StageEngine:
 
 
 async def batched(deltas: AsyncIterator[Delta], interval_s: float) -> AsyncIterator[list[Delta]]:
-    """The stream's deltas in lists: the first at once, then what arrived in each `interval_s`.
+    """The stream's deltas in lists: at once until some text has gone (the time to first token
+    is not delayed), then what arrived in each `interval_s`.
 
     Each list crosses Ray twice (replica -> ingress -> HTTP proxy); on a CPU one crossing costs
     about as much as a token of a small model, so sending every token alone would halve the
@@ -123,7 +124,7 @@ async def batched(deltas: AsyncIterator[Delta], interval_s: float) -> AsyncItera
     loop = asyncio.get_running_loop()
     try:
         item = await queue.get()
-        deadline = loop.time()  # the first delta goes at once
+        deadline, eager = loop.time(), True
         while item is not end:
             batch = []
             while item is not end and not isinstance(item, Exception):
@@ -138,9 +139,10 @@ async def batched(deltas: AsyncIterator[Delta], interval_s: float) -> AsyncItera
                     break
             if batch:
                 yield batch
+                eager = eager and not any(d.text or d.finish_reason for d in batch)
             if isinstance(item, Exception):
                 raise item
-            deadline = loop.time() + interval_s
+            deadline = loop.time() + (0 if eager else interval_s)
             if item is None:
                 item = await queue.get()
     finally:
