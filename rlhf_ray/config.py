@@ -386,6 +386,10 @@ class ServeConfig(Section):
         "first at once): each batch costs two hops through Ray, as much as a small model's token "
         "on a CPU. 0: each batch holds whatever was ready.",
     )
+    start_timeout_s: float = Field(
+        900.0, gt=0, description="How long deploying waits for every replica to run (e.g. for an "
+        "autoscaler to add GPU nodes), saying every 30 s what it waits for, before giving up.",
+    )
     drain_timeout_s: float = Field(
         120.0, gt=0, description="How long a replica being replaced or scaled down may finish its "
         "in-flight requests before it is stopped.",

@@ -13,11 +13,12 @@ import os
 import time
 from pathlib import Path
 
+import ray
 from ray import serve
 from ray.serve._private.api import serve_start
 from ray.serve.schema import ApplicationStatus, ServeApplicationSchema, ServeDeploySchema
 
-from rlhf_ray.cluster import connect
+from rlhf_ray.cluster import ResourcesError, connect, describe, joins_cluster, why_unplaceable
 from rlhf_ray.config import RunConfig
 from serve.app import build_app, deployment_name, folder_config, stage_folders
 
@@ -42,22 +43,34 @@ def deploy_config(run_dir: Path, cfg: RunConfig) -> ServeDeploySchema:
                              http_options={"host": cfg.serve.host, "port": cfg.serve.port})
 
 
-def start(run_dir: Path, cfg: RunConfig, timeout_s: float = 900) -> str:
+def start(run_dir: Path, cfg: RunConfig) -> str:
     """Deploy (or update) every stage model of `run_dir`; returns the API's base URL once all
-    are running."""
+    are running. A first deploy that cannot come up is removed again, with the reason."""
     run_dir = Path(run_dir)
     build_app(run_dir, cfg.serve)  # refuses a run without models, or without its key, before Ray
     config = deploy_config(run_dir, cfg)
     connect(cfg.cluster)
+    replica = {"CPU": cfg.serve.cpus_per_replica} | (
+        {"GPU": cfg.serve.gpus_per_replica} if cfg.serve.gpus_per_replica else {})
+    if not joins_cluster(cfg.cluster) and (reason := why_unplaceable([replica])):
+        raise ResourcesError(f"a serve replica asks for {describe(replica)}{reason}")
     client = serve_start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    first_deploy = APP_NAME not in serve.status().applications
     client.deploy_apps(config)
-    wait_running(timeout_s)
+    try:
+        wait_running(cfg.serve.start_timeout_s, replica)
+    except ResourcesError:
+        if first_deploy:  # nothing was serving before: leave nothing half-started behind
+            serve.delete(APP_NAME, _blocking=False)
+        raise
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 
 
-def wait_running(timeout_s: float) -> None:
-    """Until the app runs with every deployment updated; a failed deploy raises Serve's reason."""
-    deadline = time.monotonic() + timeout_s
+def wait_running(timeout_s: float, replica: dict[str, float]) -> None:
+    """Until the app runs with every deployment healthy, saying every 30 s what it waits for; a
+    failed deploy raises Serve's reason."""
+    start = time.monotonic()
+    said = 0.0
     while True:
         app = serve.status().applications.get(APP_NAME)
         if app is not None:
@@ -67,10 +80,18 @@ def wait_running(timeout_s: float) -> None:
             if app.status == ApplicationStatus.DEPLOY_FAILED:
                 reasons = [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
                 raise RuntimeError("serving failed to deploy: " + "\n".join([app.message, *reasons]))
-        if time.monotonic() > deadline:
-            state = app.status if app else "not created"
-            raise RuntimeError(f"serving is not running after {timeout_s:.0f}s (status {state}); "
-                               "see `serve status`")
+        waited = time.monotonic() - start
+        if waited >= said + 30 or waited >= timeout_s:
+            said = waited
+            pending = sorted(name for name, d in (app.deployments.items() if app else [])
+                             if d.status != "HEALTHY")
+            message = (f"serving waiting {waited:.0f}s for {', '.join(pending) or 'the app'} "
+                       f"(each replica {describe(replica)}); the cluster has "
+                       f"{describe(ray.cluster_resources())}{why_unplaceable([replica])}")
+            if waited >= timeout_s:
+                raise ResourcesError(f"{message}; gave up after serve.start_timeout_s="
+                                     f"{timeout_s:g}")
+            print(f"[serve] {message}", flush=True)
         time.sleep(0.5)
 
 

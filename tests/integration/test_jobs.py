@@ -21,6 +21,9 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
 
 
+dashboard_gcs_port: list[str] = []
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,6 +41,7 @@ def dashboard():
     ray_cli("stop", "--force")
     ray_cli("get-auth-token", "--generate")
     port, dashboard_port = free_port(), free_port()
+    dashboard_gcs_port[:] = [str(port)]
     head = ray_cli("start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
                    f"--dashboard-port={dashboard_port}", "--disable-usage-stats")
     assert head.returncode == 0, head.stderr[-3000:]
@@ -50,6 +54,18 @@ def dashboard():
         time.sleep(1)
     yield address
     ray_cli("stop", "--force")
+
+
+@pytest.fixture(scope="module")
+def gcs(dashboard):
+    """The head's address for drivers (`ray.init(address=...)`)."""
+    return "127.0.0.1:" + dashboard_gcs_port[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The runs folder the pipeline jobs write to (shared by this module's tests)."""
+    return tmp_path_factory.mktemp("runs")
 
 
 def listing(address: str, kind: str) -> list[dict]:
@@ -69,8 +85,7 @@ def submit(address: str, submission_id: str, entrypoint: list[str]) -> tuple[str
     return found.group(1).upper(), ray_cli("job", "logs", f"--address={address}", submission_id).stdout
 
 
-def test_the_pipeline_runs_on_both_nodes_and_a_resubmission_resumes(dashboard, tmp_path):
-    runs = tmp_path / "runs"
+def test_the_pipeline_runs_on_both_nodes_and_a_resubmission_resumes(dashboard, runs):
     pipeline = ["jobs/pipeline.py", "--config", "configs/test.yaml", "--set", f"runs_dir={runs}",
                 "--set", "ppo.resources.placement_strategy=SPREAD"]
     status, logs = submit(dashboard, "pipeline-1", pipeline)
@@ -89,6 +104,25 @@ def test_the_pipeline_runs_on_both_nodes_and_a_resubmission_resumes(dashboard, t
     for stage, folder in [("tokenizer", "tokenizer"), ("pretrain", "base"), ("sft", "sft"),
                           ("reward", "reward"), ("ppo", "rlhf")]:
         assert f"[{stage}] {run / folder} exists, skipped" in logs
+
+
+def test_serve_replicas_the_cluster_cannot_place_are_explained_and_removed(dashboard, gcs, runs):
+    run = runs / "test"
+    if not (run / "sft" / "config.json").exists():
+        pytest.skip("needs the run of the pipeline test above")
+    out = subprocess.run(
+        [sys.executable, "-m", "rlhf_ray.cli", "serve", "--run", str(run), "--address", gcs,
+         "--port", str(free_port()), "--set", "serve.gpus_per_replica=1",
+         "--set", "serve.start_timeout_s=35"],
+        env={**ENV, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "[serve] serving waiting 30s for stage-base, stage-rlhf, stage-sft (each replica " \
+           "{CPU 0.5, GPU 1})" in out.stdout
+    assert "no node can hold a bundle of {CPU 0.5, GPU 1}" in out.stderr
+    assert "gave up after serve.start_timeout_s=35" in out.stderr
+    status = subprocess.run([str(BIN / "serve"), "status", f"--address={dashboard}"], env=ENV,
+                            capture_output=True, text=True, timeout=120).stdout
+    assert "rlhf-ray" not in status or "DELETING" in status, status  # being removed again
 
 
 def test_a_relative_runs_dir_fails_the_job_with_the_reason(dashboard):
