@@ -8,10 +8,9 @@ where the next submission cannot find it, and refuses.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from rlhf_ray.cli import run_command
+from rlhf_ray.cli import exit_on_failure, run_command
 from rlhf_ray.cluster import in_ray_job
 from rlhf_ray.config import ConfigError, RunConfig, load_config
 
@@ -36,16 +35,8 @@ def parse_config(argv: list[str], description: str, stage: bool = False) -> tupl
 
 def run_job(argv: list[str], description: str, stage: bool = False) -> None:
     """Run the command; a failure prints one clear line and exits non-zero (the job FAILS)."""
-    try:
+    with exit_on_failure("rlhf-ray job", "the job"):
         command, cfg = parse_config(argv, description, stage)
         print(f"rlhf-ray job: {command} of run {cfg.name!r} -> {cfg.run_dir.resolve()}", flush=True)
         run_command(command, cfg)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        print(f"rlhf-ray job: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    except Exception as e:
-        if not type(e).__module__.startswith("ray"):
-            raise
-        print(f"rlhf-ray job: failed on Ray: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
     print("rlhf-ray job: done", flush=True)

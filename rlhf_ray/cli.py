@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from rlhf_ray.config import ConfigError, RunConfig, load_config
 
@@ -66,6 +68,7 @@ def serve_run(args: argparse.Namespace) -> None:
     """Deploy and print the URLs; on an embedded Ray, serve until Ctrl-C (or SIGTERM)."""
     from pathlib import Path
 
+    from rlhf_ray.cluster import joins_cluster
     from serve.run import served_models, start
 
     run_dir = Path(args.run)
@@ -77,7 +80,7 @@ def serve_run(args: argparse.Namespace) -> None:
     cfg = load_config(run_dir / "config.yaml", overrides)
     url = start(run_dir, cfg)
     print_urls(url, served_models(run_dir, cfg), run_dir)
-    if cfg.cluster.address is not None:  # the app lives on in the cluster, like `serve deploy`
+    if joins_cluster(cfg.cluster):  # the app lives on in the cluster, like `serve deploy`
         print("rlhf-ray: deployed; it serves until `serve shutdown`. Run this command again to "
               "roll out changed stage folders.", flush=True)
         return
@@ -88,7 +91,6 @@ def wait_for_ctrl_c() -> None:
     """Serve until Ctrl-C; a `kill` (SIGTERM) stops it the same way, so replicas shut their vLLM
     engines down rather than leaving engine processes behind when Ray's processes go."""
     import signal
-    import time
 
     from ray import serve as ray_serve
 
@@ -158,9 +160,27 @@ def run_command(command: str, cfg: RunConfig) -> None:
         pipeline.run_pipeline(cfg)
 
 
+@contextmanager
+def exit_on_failure(prefix: str, command: str) -> Iterator[None]:
+    """Bad input or a refused request: one line, exit 2. A run that failed on Ray: one line (its
+    workers' errors are in it), exit 1. RLHF_RAY_DEBUG=1 shows the traceback instead."""
+    try:
+        yield
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        if os.environ.get("RLHF_RAY_DEBUG"):
+            raise
+        print(f"{prefix}: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except Exception as e:
+        if os.environ.get("RLHF_RAY_DEBUG") or not type(e).__module__.startswith("ray"):
+            raise
+        print(f"{prefix}: {command} failed: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
+    with exit_on_failure("rlhf-ray", args.command):
         if args.command == "serve":
             serve_run(args)
             return
@@ -179,16 +199,6 @@ def main(argv: list[str] | None = None) -> None:
             print(format_plan(plan_run(cfg, args.gpu_memory_gb, args.prompt_tokens)))
             return
         run_command(args.command, cfg)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        if os.environ.get("RLHF_RAY_DEBUG"):
-            raise
-        print(f"rlhf-ray: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except Exception as e:  # a training run that failed on Ray: its workers' errors are in `e`
-        if os.environ.get("RLHF_RAY_DEBUG") or not type(e).__module__.startswith("ray"):
-            raise
-        print(f"rlhf-ray: {args.command} failed: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

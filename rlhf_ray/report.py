@@ -14,6 +14,7 @@ from rlhf_ray import evaluate
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.readers import read_many
 from rlhf_ray.data.records import PromptRecord
+from rlhf_ray.tokenizer import load_tokenizer
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -61,9 +62,11 @@ def side_by_side(cfg: RunConfig, prompt_files: list[Path], count: int = 6) -> li
         folder = cfg.run_dir / stage
         if not (folder / "config.json").exists():
             continue
-        if stage == "base":
-            replies = [evaluate.continue_document(folder, row["question"] + "\n", 24)
-                       for row in rows]
+        if stage == "base":  # the question as a document line, continued; one batch
+            tokenizer = load_tokenizer(folder)
+            documents = [tokenizer.encode_document(row["question"] + "\n") for row in rows]
+            replies = [tokenizer.decode(ids)
+                       for ids in evaluate.generate_greedy(folder, documents, max_new_tokens=24)]
         else:
             replies = evaluate.chat_replies(folder, [r.prompt for r in records])
         for row, reply in zip(rows, replies):

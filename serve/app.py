@@ -30,7 +30,6 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-
 from rlhf_ray.cluster import ACTOR_ENV
 from rlhf_ray.config import ServeConfig
 from serve.protocol import (

@@ -71,12 +71,6 @@ class ScoreRequest(Body):
     candidates: list[str] | None = Field(None, min_length=1, max_length=16)
 
 
-class Usage(Body):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
