@@ -8,7 +8,7 @@ demo: setup
 	.venv/bin/rlhf-ray demo --config configs/demo.yaml
 
 test: setup
-	.venv/bin/pytest tests
+	.venv/bin/pytest tests --durations=15
 
 test-fast: setup
 	.venv/bin/pytest -m "not integration" tests

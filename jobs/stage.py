@@ -1,4 +1,4 @@
-"""One stage as a Ray job: data | tokenizer | pretrain | sft | reward | ppo.
+"""One stage as a Ray job: data | tokenizer | pretrain | sft | compare-data | reward | ppo | eval.
 
     ray job submit --address http://<head>:8265 --runtime-env jobs/runtime_env.yaml \
         -- python jobs/stage.py sft --config configs/gpu-qwen.yaml

@@ -18,7 +18,8 @@ from rlhf_ray.config import ConfigError, RunConfig, load_config
 def parse_config(argv: list[str], description: str, stage: bool = False) -> tuple[str, RunConfig]:
     parser = argparse.ArgumentParser(description=description)
     if stage:
-        parser.add_argument("stage", choices=["data", "tokenizer", "pretrain", "sft", "reward", "ppo"])
+        parser.add_argument("stage", choices=["data", "tokenizer", "pretrain", "sft", "compare-data",
+                                             "reward", "ppo", "eval"])
     parser.add_argument("--config", required=True, help="run config YAML (a path in the working_dir)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set runs_dir=/mnt/shared/runs")

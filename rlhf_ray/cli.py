@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rlhf_ray.config import ConfigError, RunConfig, load_config
@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("pretrain", "stage 1: pretrain base/ on Ray Train"),
         ("sft", "stage 2: supervised finetuning base/ -> sft/ on Ray Train"),
         ("reward", "stage 3a: reward model sft/ -> reward/ on Ray Train"),
+        ("compare-data", "sample K responses per prompt from sft/ with vLLM on Ray and rank them "
+         "(compare.labeler: a function, or people on the ranking page served until all are ranked)"),
         ("ppo", "stage 3b: PPO sft/ -> rlhf/ against the reward, on Ray actors with vLLM"),
         ("config", "print the resolved config"),
     ]:
@@ -54,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU (default 80)")
     plan.add_argument("--prompt-tokens", type=int,
                       help="longest RL prompt (default: whatever the context leaves)")
+    evaluate = commands.add_parser("eval", help="evaluate base (0/1/3/5-shot), SFT and RLHF on "
+                                   "held-out questions: <run>/eval/stages.{md,json,png}")
+    evaluate.add_argument("--run", required=True, help="the run folder, e.g. runs/demo")
     talk = commands.add_parser("chat", help="chat in the terminal with a running server's model")
     talk.add_argument("--url", default="http://127.0.0.1:8000", help="the server (rlhf-ray serve)")
     talk.add_argument("--model", default="rlhf", help="base, sft or rlhf")
@@ -87,9 +92,9 @@ def serve_run(args: argparse.Namespace) -> None:
     wait_for_ctrl_c()
 
 
-def wait_for_ctrl_c() -> None:
-    """Serve until Ctrl-C; a `kill` (SIGTERM) stops it the same way, so replicas shut their vLLM
-    engines down rather than leaving engine processes behind when Ray's processes go."""
+def wait_for_ctrl_c(until: Callable[[], bool] | None = None) -> None:
+    """Serve until Ctrl-C (or until `until()` is true); a `kill` (SIGTERM) stops it the same way,
+    so replicas shut their vLLM engines down rather than leaving engine processes behind."""
     import signal
 
     from ray import serve as ray_serve
@@ -97,11 +102,12 @@ def wait_for_ctrl_c() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ray Train's fit() replaced it
     try:
-        while True:
-            time.sleep(3600)
+        while until is None or not until():
+            time.sleep(3600 if until is None else 2)
+        print("rlhf-ray: done; stopping the server", flush=True)
     except KeyboardInterrupt:
         print("rlhf-ray: stopping the server", flush=True)
-        ray_serve.shutdown()
+    ray_serve.shutdown()
 
 
 def print_urls(url: str, models: list[str], run_dir: object) -> None:
@@ -114,9 +120,11 @@ def run_demo(cfg: RunConfig, serve: bool) -> None:
     """The newcomer's command: every stage, the report, then every stage's model served."""
     from rlhf_ray import pipeline
     from rlhf_ray.report import write_report
+    from rlhf_ray.stage_eval import evaluate_stages
 
     started = time.perf_counter()
     run_dir = pipeline.run_pipeline(cfg)
+    evaluate_stages(cfg, log=lambda message: pipeline.log("eval", message))
     report = write_report(cfg, pipeline.data_files(cfg)["rl_eval"])
     print("\n" + report.read_text(encoding="utf-8"), flush=True)
     print(f"rlhf-ray: demo done in {time.perf_counter() - started:.0f}s; report {report}, "
@@ -151,13 +159,41 @@ def run_command(command: str, cfg: RunConfig) -> None:
         if command == "pretrain":
             pipeline.make_tokenizer(cfg)
         pipeline.train_model(cfg, command)
+    elif command == "compare-data":
+        pipeline.prepare_run(cfg)
+        pipeline.make_demo_data(cfg)
+        collect_and_rank(cfg)
     elif command == "ppo":
         pipeline.prepare_run(cfg)
         pipeline.make_demo_data(cfg)
         pipeline.check_data(cfg, kinds=["rl", "rl_eval"])
         pipeline.train_rlhf(cfg)
+    elif command == "eval":
+        from rlhf_ray.stage_eval import evaluate_stages
+
+        evaluate_stages(cfg, log=lambda message: pipeline.log("eval", message))
     elif command == "pipeline":
         pipeline.run_pipeline(cfg)
+
+
+def collect_and_rank(cfg: RunConfig) -> None:
+    """Sample and rank; with labeler 'human', serve the ranking page until every prompt is
+    ranked (or Ctrl-C: what was ranked is kept, and running the command again resumes)."""
+    from rlhf_ray.cluster import joins_cluster
+    from rlhf_ray.compare.collect import collect_comparisons, compare_settings
+    from rlhf_ray.pipeline import log
+
+    store = collect_comparisons(cfg, lambda message: log("compare", message))
+    if compare_settings(cfg).labeler != "human" or not store.progress()["remaining"]:
+        return
+    from serve.run import start
+
+    url = start(cfg.run_dir, cfg, chat=False)
+    print(f"rlhf-ray: rank the samples at {url}/rank/ ({store.progress()['remaining']} prompts "
+          f"left); records go to {store.rankings_path}", flush=True)
+    if joins_cluster(cfg.cluster):
+        return
+    wait_for_ctrl_c(until=lambda: not store.progress()["remaining"])
 
 
 @contextmanager
@@ -183,6 +219,14 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_failure("rlhf-ray", args.command):
         if args.command == "serve":
             serve_run(args)
+            return
+        if args.command == "eval":
+            from pathlib import Path
+
+            run_dir = Path(args.run)
+            cfg = load_config(run_dir / "config.yaml", [f"runs_dir={run_dir.resolve().parent}",
+                                                        f"name={run_dir.name}"])
+            run_command("eval", cfg)
             return
         if args.command == "chat":
             from serve.chat import chat

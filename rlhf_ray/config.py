@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # GPT-4's split pattern, the one rustbpe and tiktoken's cl100k use.
 GPT4_SPLIT_PATTERN = (
@@ -350,6 +350,54 @@ class PPOConfig(Section):
         return self
 
 
+class CompareConfig(Section):
+    """Comparisons for the reward model: K samples of the SFT model per prompt, ranked best first
+    by a person (the ranking page) or by a labeler function. The rankings are reward data."""
+
+    prompts: list[Path] = Field(
+        default_factory=list, description="Prompt files (`prompt`, optional `ground_truth`) to "
+        "sample from; empty with data.demo: the demo's compare.jsonl.",
+    )
+    samples_per_prompt: int = Field(
+        4, ge=2, description="K: responses sampled per prompt (a ranking needs at least 2)."
+    )
+    max_prompts: int | None = Field(None, ge=1, description="Use at most this many prompts.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (diverse answers).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    max_new_tokens: int = Field(48, ge=1, description="Longest response sampled.")
+    labeler: str = Field(
+        "human", description="Who ranks: 'human' (the ranking page of `rlhf-ray compare-data`), "
+        "'demo' (the demo's simulated labeler, which knows the world's facts) or "
+        "'module:function' (a function (prompt, responses) -> one score per response).",
+    )
+    num_engines: int = Field(1, ge=1, description="vLLM engines (Ray actors) sampling in parallel.")
+    engine: RoleResources = Field(
+        default_factory=lambda: RoleResources(num_cpus=1.0),
+        description="Ray resources of each engine (threads: vLLM picks its own).",
+    )
+    vllm_memory_fraction: float = Field(
+        0.1, gt=0, lt=1, description="vLLM's gpu_memory_utilization per engine (see ppo).",
+    )
+    lease_s: float = Field(
+        600.0, gt=0, description="A prompt shown to one person is not shown to another for this "
+        "long (so two people never rank the same prompt), unless it comes back unranked.",
+    )
+
+    @field_validator("labeler")
+    @classmethod
+    def _known_labeler(cls, labeler: str) -> str:
+        module, sep, function = labeler.partition(":")
+        if labeler in ("human", "demo") or (sep and module and function):
+            return labeler
+        raise ValueError(f"unknown labeler {labeler!r}: use 'human', 'demo' or 'module:function'")
+
+    @model_validator(mode="after")
+    def _engines_pick_their_threads(self) -> CompareConfig:
+        if self.engine.threads is not None:
+            raise ValueError("engine.threads: vLLM binds its own CPU threads")
+        return self
+
+
 # --------------------------------------------------------------------------- serving and cluster
 
 
@@ -429,6 +477,10 @@ class RunConfig(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Stage 2.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Stage 3a.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="Stage 3b.")
+    compare: CompareConfig | None = Field(
+        None, description="Collect ranked SFT samples as reward data (`rlhf-ray compare-data`, "
+        "run by the pipeline between SFT and the reward model). null: data.reward only.",
+    )
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve endpoints.")
 
     @property
@@ -446,6 +498,8 @@ class RunConfig(Section):
             self.model.pretrained = _absolute(self.model.pretrained)
         if self.tokenizer.pretrained:
             self.tokenizer.pretrained = _absolute(self.tokenizer.pretrained)
+        if self.compare is not None:
+            self.compare.prompts = [_absolute(p) for p in self.compare.prompts]
         return self
 
     @model_validator(mode="after")

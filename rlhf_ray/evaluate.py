@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from rlhf_ray.data.records import Message, PromptRecord
 from rlhf_ray.modeling import load_policy
@@ -21,10 +22,11 @@ DEMO_QUESTION = "What is the capital of France?"
 
 
 def generate_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int,
-                    batch_size: int = 64) -> list[list[int]]:
-    """Greedy continuations (stop tokens excluded), batched with left padding."""
+                    batch_size: int = 64, model: PreTrainedModel | None = None) -> list[list[int]]:
+    """Greedy continuations (stop tokens excluded), batched with left padding. `model`: the
+    folder's model already loaded, so that a caller generating several times loads it once."""
     tokenizer = load_tokenizer(model_dir)
-    model = load_policy(model_dir).eval()
+    model = (model if model is not None else load_policy(model_dir)).eval()
     outputs: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]

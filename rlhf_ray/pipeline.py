@@ -59,6 +59,40 @@ def data_files(cfg: RunConfig) -> dict[str, list[Path]]:
     return files
 
 
+def reward_files(cfg: RunConfig) -> dict[str, list[Path]]:
+    """data_files, with the rankings of compare/ added to the reward data when `compare` is set."""
+    files = data_files(cfg)
+    if cfg.compare is None:
+        return files
+    from rlhf_ray.compare.collect import store_of
+
+    store = store_of(cfg)
+    if not store.has_candidates():
+        raise ValueError(f"compare is configured, but {store.folder} has no comparisons yet: "
+                         "run `rlhf-ray compare-data` first, or set compare: null")
+    if not store.rankings():  # e.g. a labeler that scored every prompt's answers equal
+        log("reward", f"{store.rankings_path}: no rankings; training on data.reward alone")
+        return files
+    return files | {"reward": files["reward"] + [store.rankings_path]}
+
+
+def make_comparisons(cfg: RunConfig) -> None:
+    """K SFT samples per prompt, ranked (by the labeler function, or already by people)."""
+    if cfg.compare is None:
+        return
+    from rlhf_ray.compare.collect import collect_comparisons
+
+    if (cfg.run_dir / "reward").exists():
+        log("compare", "reward/ exists, skipped")
+        return
+    store = collect_comparisons(cfg, lambda message: log("compare", message))
+    progress = store.progress()
+    if cfg.compare.labeler == "human" and progress["remaining"]:
+        raise ValueError(f"{progress['remaining']} of {progress['total']} prompts are not ranked "
+                         "yet: rank them on the ranking page (`rlhf-ray compare-data --config "
+                         "...` serves it), then run the pipeline again")
+
+
 def make_demo_data(cfg: RunConfig) -> None:
     if cfg.data.demo is None:
         return
@@ -161,7 +195,9 @@ def train_model(cfg: RunConfig, stage: str) -> None:
     elif stage == "sft":
         task = stages.sft_task(cfg, data_files(cfg))
     else:
-        task = stages.reward_task(cfg, data_files(cfg))
+        files = reward_files(cfg)
+        task = stages.reward_task(cfg, files)
+        log(stage, f"{len(task.groups)} comparisons from {', '.join(p.name for p in files['reward'])}")
     start = time.perf_counter()
     metrics = stages.train_stage(task, cfg)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(("loss", "eval")))
@@ -242,8 +278,10 @@ def run_pipeline(cfg: RunConfig) -> Path:
     make_demo_data(cfg)
     check_data(cfg)
     make_tokenizer(cfg)
-    for stage in ("pretrain", "sft", "reward"):
+    for stage in ("pretrain", "sft"):
         train_model(cfg, stage)
+    make_comparisons(cfg)
+    train_model(cfg, "reward")
     train_rlhf(cfg)
     report_models(cfg)
     return run_dir

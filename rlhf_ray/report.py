@@ -106,6 +106,17 @@ def stage_table(run_dir: Path) -> list[str]:
     return lines
 
 
+def stages_section(run_dir: Path) -> list[str]:
+    """The evaluation across stages (rlhf_ray.stage_eval), if it was run: its table, the talk's
+    claims and the chart, taken from eval/stages.md so the two never disagree."""
+    stages_md = run_dir / "eval" / "stages.md"
+    if not stages_md.exists():
+        return []
+    body = stages_md.read_text(encoding="utf-8").splitlines()[1:]  # without its title
+    return ["", "## Evaluation across stages",
+            *(line.replace("](stages.png)", "](eval/stages.png)") for line in body)]
+
+
 def write_report(cfg: RunConfig, prompt_files: list[Path]) -> Path:
     """report.md (and the plot it shows) for the run; returns its path."""
     run_dir = cfg.run_dir
@@ -127,6 +138,7 @@ def write_report(cfg: RunConfig, prompt_files: list[Path]) -> Path:
         if rates:
             lines += ["", "Exact match on all held-out questions: " + ", ".join(
                 f"{s} {r['rate']:.0%} of {r['count']}" for s, r in rates.items()) + "."]
+    lines += stages_section(run_dir)
     out = run_dir / "report.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out

@@ -16,75 +16,110 @@ from pathlib import Path
 import ray
 from ray import serve
 from ray.serve._private.api import serve_start
-from ray.serve.schema import ApplicationStatus, ServeApplicationSchema, ServeDeploySchema
+from ray.serve.schema import (
+    ApplicationStatus,
+    ServeApplicationSchema,
+    ServeDeploySchema,
+    ServeInstanceDetails,
+)
 
 from rlhf_ray.cluster import ResourcesError, connect, describe, joins_cluster, why_unplaceable
 from rlhf_ray.config import RunConfig
-from serve.app import build_app, deployment_name, folder_config, stage_folders
+from serve.app import build_app, deployment_name, folder_config, read_api_key, stage_folders
 
 APP_NAME = "rlhf-ray"
+RANK_APP = "rlhf-ray-rank"
 
 
-def deploy_config(run_dir: Path, cfg: RunConfig) -> ServeDeploySchema:
-    """Serve's own config for this run: what `serve deploy` would be given."""
-    folders = stage_folders(run_dir, cfg.serve)
-    settings = {k: v for k, v in cfg.serve.model_dump(mode="json").items() if k != "folders"}
-    runtime_env = {}
-    if cfg.serve.api_key_env is not None:  # the ingress reads the key from its environment
-        runtime_env = {"env_vars": {cfg.serve.api_key_env: os.environ[cfg.serve.api_key_env]}}
-    app = ServeApplicationSchema(
-        name=APP_NAME, route_prefix="/", import_path="serve.app:app_builder",
-        args={"run": str(run_dir.resolve()), "stages": sorted(folders),
-              "serve": settings},
-        runtime_env=runtime_env,
-        deployments=[{"name": deployment_name(stage), "user_config": folder_config(folder)}
-                     for stage, folder in sorted(folders.items())])
-    return ServeDeploySchema(applications=[app],
+def deploy_config(run_dir: Path, cfg: RunConfig, chat: bool = True) -> ServeDeploySchema:
+    """Serve's own config for this run: what `serve deploy` would be given. It holds the chat
+    app (unless `chat` is False) and, when the run has comparisons to rank, the ranking page."""
+    apps = [chat_app(run_dir, cfg)] if chat else []
+    if (run_dir / "compare" / "candidates.jsonl").is_file():
+        apps.append(ServeApplicationSchema(
+            name=RANK_APP, route_prefix="/rank", import_path="serve.rank:app_builder",
+            args={"folder": str((run_dir / "compare").resolve()),
+                  "lease_s": cfg.compare.lease_s if cfg.compare else 600.0,
+                  "api_key_env": cfg.serve.api_key_env},
+            runtime_env=key_env(cfg)))
+    return ServeDeploySchema(applications=apps,
                              http_options={"host": cfg.serve.host, "port": cfg.serve.port})
 
 
-def start(run_dir: Path, cfg: RunConfig) -> str:
-    """Deploy (or update) every stage model of `run_dir`; returns the API's base URL once all
-    are running. A first deploy that cannot come up is removed again, with the reason."""
+def key_env(cfg: RunConfig) -> dict:
+    """The API key travels to the ingresses, which read it from their environment."""
+    if cfg.serve.api_key_env is None:
+        return {}
+    return {"env_vars": {cfg.serve.api_key_env: os.environ[cfg.serve.api_key_env]}}
+
+
+def chat_app(run_dir: Path, cfg: RunConfig) -> ServeApplicationSchema:
+    folders = stage_folders(run_dir, cfg.serve)
+    settings = {k: v for k, v in cfg.serve.model_dump(mode="json").items() if k != "folders"}
+    return ServeApplicationSchema(
+        name=APP_NAME, route_prefix="/", import_path="serve.app:app_builder",
+        args={"run": str(run_dir.resolve()), "stages": sorted(folders),
+              "serve": settings},
+        runtime_env=key_env(cfg),
+        deployments=[{"name": deployment_name(stage), "user_config": folder_config(folder)}
+                     for stage, folder in sorted(folders.items())])
+
+
+def start(run_dir: Path, cfg: RunConfig, chat: bool = True) -> str:
+    """Deploy (or update) every stage model of `run_dir` (with `chat` False: only the ranking
+    page); returns the base URL once all are running. A first deploy that cannot come up is
+    removed again, with the reason."""
     run_dir = Path(run_dir)
-    build_app(run_dir, cfg.serve)  # refuses a run without models, or without its key, before Ray
-    config = deploy_config(run_dir, cfg)
+    if chat:
+        build_app(run_dir, cfg.serve)  # refuses a run without models, or without its key, here
+    else:
+        read_api_key(cfg.serve.api_key_env)
     connect(cfg.cluster)
     replica = {"CPU": cfg.serve.cpus_per_replica} | (
         {"GPU": cfg.serve.gpus_per_replica} if cfg.serve.gpus_per_replica else {})
-    if not joins_cluster(cfg.cluster) and (reason := why_unplaceable([replica])):
+    if chat and not joins_cluster(cfg.cluster) and (reason := why_unplaceable([replica])):
         raise ResourcesError(f"a serve replica asks for {describe(replica)}{reason}")
     client = serve_start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    first_deploy = APP_NAME not in serve.status().applications
+    config = deploy_config(run_dir, cfg, chat)
+    if not config.applications:
+        raise FileNotFoundError(f"{run_dir / 'compare'}: no candidates to rank; sample them "
+                                "first (rlhf-ray compare-data)")
+    names = [app.name for app in config.applications]
+    first_deploy = [n for n in names if n not in serve.status().applications]
+    # Deploying a config removes the apps it leaves out: keep the others as they were deployed.
+    running = ServeInstanceDetails(**client.get_serve_details()).applications
+    config.applications += [app.deployed_app_config for name, app in running.items()
+                            if name not in names and app.deployed_app_config is not None]
     client.deploy_apps(config)
     try:
-        wait_running(cfg.serve.start_timeout_s, replica)
+        wait_running(names, cfg.serve.start_timeout_s, replica)
     except ResourcesError:
-        if first_deploy:  # nothing was serving before: leave nothing half-started behind
-            serve.delete(APP_NAME, _blocking=False)
+        for name in first_deploy:  # nothing was serving before: leave nothing half-started
+            serve.delete(name, _blocking=False)
         raise
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 
 
-def wait_running(timeout_s: float, replica: dict[str, float]) -> None:
-    """Until the app runs with every deployment healthy, saying every 30 s what it waits for; a
+def wait_running(names: list[str], timeout_s: float, replica: dict[str, float]) -> None:
+    """Until the apps run with every deployment healthy, saying every 30 s what it waits for; a
     failed deploy raises Serve's reason."""
     start = time.monotonic()
     said = 0.0
     while True:
-        app = serve.status().applications.get(APP_NAME)
-        if app is not None:
-            if app.status == ApplicationStatus.RUNNING and all(
-                    d.status == "HEALTHY" for d in app.deployments.values()):
-                return
-            if app.status == ApplicationStatus.DEPLOY_FAILED:
+        status = serve.status().applications
+        apps = [status.get(name) for name in names]
+        deployments = {n: d for app in apps if app for n, d in app.deployments.items()}
+        if all(app is not None and app.status == ApplicationStatus.RUNNING for app in apps) and all(
+                d.status == "HEALTHY" for d in deployments.values()):
+            return
+        for app in apps:
+            if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
                 reasons = [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
                 raise RuntimeError("serving failed to deploy: " + "\n".join([app.message, *reasons]))
         waited = time.monotonic() - start
         if waited >= said + 30 or waited >= timeout_s:
             said = waited
-            pending = sorted(name for name, d in (app.deployments.items() if app else [])
-                             if d.status != "HEALTHY")
+            pending = sorted(name for name, d in deployments.items() if d.status != "HEALTHY")
             message = (f"serving waiting {waited:.0f}s for {', '.join(pending) or 'the app'} "
                        f"(each replica {describe(replica)}); the cluster has "
                        f"{describe(ray.cluster_resources())}{why_unplaceable([replica])}")

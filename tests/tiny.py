@@ -20,3 +20,8 @@ def memorise(model: torch.nn.Module, ids: torch.Tensor, steps: int, lr: float = 
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+
+
+def shorter_first(prompt: list[dict[str, str]], responses: list[str], ground_truth: str | None) -> list[float]:
+    """A labeler function for tests: the shorter response is the better one."""
+    return [-float(len(r)) for r in responses]

@@ -428,7 +428,7 @@ def rl_prompts(countries: list[Country], cfg: DemoDataConfig) -> list[Row]:
 
 
 def write_demo_data(out_dir: Path, cfg: DemoDataConfig) -> dict[str, Path]:
-    """Write the seven record files and world.json into `out_dir`; return the record files' paths."""
+    """Write the eight record files and world.json into `out_dir`; return the record files' paths."""
     split = split_countries(cfg)
     records = {
         "pretrain": pretraining_documents(cfg),
@@ -438,6 +438,8 @@ def write_demo_data(out_dir: Path, cfg: DemoDataConfig) -> dict[str, Path]:
         "reward_eval": comparisons(split["eval"], cfg),
         "rl": rl_prompts(split["rl"], cfg),
         "rl_eval": rl_prompts(split["eval"], cfg),
+        # Questions about the SFT countries whose SFT samples a labeler ranks (compare-data).
+        "compare": rl_prompts(split["sft"], cfg),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}

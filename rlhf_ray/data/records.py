@@ -146,10 +146,15 @@ class ChatRecord(Record):
 
 class ComparisonRecord(Record):
     """Responses to one prompt, best first. Input `chosen` + `rejected` becomes
-    `responses = [chosen, rejected]`."""
+    `responses = [chosen, rejected]`. A ranking collected by `rlhf-ray compare-data` also says
+    which prompt it ranks, who ranked it and when, and which responses were unacceptable."""
 
     prompt: list[Message]
     responses: list[list[Message]]
+    id: str | None = None
+    labeler: str | None = None
+    time: str | None = None  # ISO 8601, UTC
+    unacceptable: list[int] = []  # positions in `responses` (best first) marked unacceptable
 
     @model_validator(mode="before")
     @classmethod
@@ -184,6 +189,10 @@ class ComparisonRecord(Record):
                     f"responses[{worse}]: identical to responses[{better}] (chosen == rejected); "
                     "the responses of a comparison must differ"
                 )
+        for index in self.unacceptable:
+            if not 0 <= index < len(self.responses):
+                raise ValueError(f"unacceptable: {index} is not a position in responses "
+                                 f"(0..{len(self.responses) - 1})")
         return self
 
     def pairs(self) -> list[tuple[list[Message], list[Message]]]:

@@ -93,8 +93,10 @@ class RolloutEngine:
             raise RuntimeError("weight sync: vLLM could not reset its prefix cache")
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                 top_p: float, expected_version: int, seed: int | None = None) -> list[Rollout]:
-        """Sample one response per prompt (temperature 0: greedy) with the expected weights."""
+                 top_p: float, expected_version: int, seed: int | None = None,
+                 seeds: list[int] | None = None) -> list[Rollout]:
+        """Sample one response per prompt (temperature 0: greedy) with the expected weights;
+        prompt i is sampled with seed + i, or with seeds[i] when given."""
         version = self.weight_version
         if version != expected_version:
             raise StaleWeightsError(
@@ -104,7 +106,7 @@ class RolloutEngine:
         params = [
             SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            stop_token_ids=self.stop_ids, logprobs=0, detokenize=False,
-                           seed=None if seed is None else seed + i)  # distinct draws per prompt
+                           seed=seeds[i] if seeds else None if seed is None else seed + i)
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,

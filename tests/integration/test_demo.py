@@ -54,6 +54,11 @@ def test_the_demo_trains_every_stage_reports_and_serves_until_ctrl_c(tmp_path):
             assert stage in report
         assert "report.md" in output and "| question | base continues" in output  # printed too
         assert (run / "plots" / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # The evaluation across stages is in the run folder and in the report.
+        assert (run / "eval" / "stages.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "## Evaluation across stages" in report and "](eval/stages.png)" in report
+        for variant in ("| base 0-shot |", "| base 5-shot |", "| sft |", "| rlhf |"):
+            assert variant in (run / "eval" / "stages.md").read_text()
 
         models = httpx.get(f"{url}/v1/models", timeout=30).json()
         assert sorted(m["id"] for m in models["data"]) == ["base", "reward", "rlhf", "sft"]

@@ -14,14 +14,21 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_ray.cli import main
+from rlhf_ray.compare.store import ComparisonStore
+from rlhf_ray.data.readers import read_records
+from rlhf_ray.data.records import ComparisonRecord, PromptRecord
+from rlhf_ray.train.stages import reward_task
 from rlhf_ray.config import load_config
 from rlhf_ray.modeling import load_policy, load_scalar_model
-from rlhf_ray.pipeline import prepare_run, make_demo_data, make_tokenizer, train_model
+from rlhf_ray.pipeline import make_demo_data, make_tokenizer, prepare_run, reward_files, train_model
 
 pytestmark = pytest.mark.integration
 
 TEST_CONFIG = Path(__file__).parents[2] / "configs" / "test.yaml"
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "workers"}
+# The pipeline also collects comparisons: 3 SFT samples per prompt, ranked by a labeler function.
+COMPARE = ["--set", "compare.labeler=tests.tiny:shorter_first", "--set", "compare.samples_per_prompt=3",
+           "--set", "compare.vllm_memory_fraction=0.05"]
 
 
 def metrics(run: Path, stage: str) -> list[dict]:
@@ -31,7 +38,7 @@ def metrics(run: Path, stage: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("runs")
-    main(["pipeline", "--config", str(TEST_CONFIG), "--set", f"runs_dir={runs}"])
+    main(["pipeline", "--config", str(TEST_CONFIG), "--set", f"runs_dir={runs}", *COMPARE])
     return runs / "test"
 
 
@@ -58,6 +65,28 @@ def test_sft_starts_from_base_and_reward_from_sft(run):
     assert set(reward) - set(sft) == {"score.weight"}
 
 
+def test_sft_samples_ranked_by_a_labeler_function_become_reward_data(run):
+    store = ComparisonStore(run / "compare")
+    candidates = store.candidates()
+    prompts = read_records(run / "data" / "compare.jsonl", PromptRecord)
+    assert 0 < len(candidates) <= len(prompts)
+    for candidate in candidates.values():  # K = 3 samples, identical ones merged
+        assert 2 <= len(candidate.responses) <= 3 and len(set(candidate.responses)) == len(candidate.responses)
+    rankings = read_records(store.rankings_path, ComparisonRecord)
+    assert len(rankings) > 0
+    for ranking in rankings:
+        texts = [r[0].content for r in ranking.responses]
+        assert set(texts) <= set(candidates[ranking.id].responses)
+        assert [len(t) for t in texts] == sorted({len(t) for t in texts})  # shorter first, ties dropped
+        assert ranking.labeler == "labeler:tests.tiny:shorter_first" and ranking.time
+    # The reward model trained on them next to the demo's comparisons.
+    cfg = load_config(TEST_CONFIG, [f"runs_dir={run.parent}", *COMPARE[1::2]])
+    files = reward_files(cfg)
+    assert files["reward"][-1] == store.rankings_path
+    templates = read_records(run / "data" / "reward.jsonl", ComparisonRecord)
+    assert len(reward_task(cfg, files).groups) == len(templates) + len(rankings)
+
+
 def test_the_pipeline_reports_what_each_stage_does(run):
     report = json.loads((run / "metrics" / "eval.json").read_text())
     assert report["base"]["question"] == "What is the capital of France?"
@@ -67,7 +96,7 @@ def test_the_pipeline_reports_what_each_stage_does(run):
 
 def test_a_rerun_skips_every_finished_stage(run, capsys):
     before = (run / "sft" / "model.safetensors").stat().st_mtime_ns
-    main(["pipeline", "--config", str(TEST_CONFIG), "--set", f"runs_dir={run.parent}"])
+    main(["pipeline", "--config", str(TEST_CONFIG), "--set", f"runs_dir={run.parent}", *COMPARE])
     out = capsys.readouterr().out
     for folder in ("base", "sft", "reward"):
         assert f"{run / folder} exists, skipped" in out

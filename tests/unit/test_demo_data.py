@@ -14,7 +14,7 @@ from rlhf_ray.data.readers import read_records
 from rlhf_ray.data.records import ChatRecord, ComparisonRecord, PromptRecord, TextRecord
 from rlhf_ray.data.world import CONTINENTS, COUNTRIES
 
-FILES = ("pretrain", "sft", "sft_eval", "reward", "reward_eval", "rl", "rl_eval")
+FILES = ("pretrain", "sft", "sft_eval", "reward", "reward_eval", "rl", "rl_eval", "compare")
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +85,9 @@ def test_world_json_records_the_split(demo: dict[str, Path]) -> None:
 
 def test_held_out_countries_never_appear_in_training_files(demo: dict[str, Path]) -> None:
     split = split_countries(DemoDataConfig())
-    training = {name: demo[name].read_text(encoding="utf-8") for name in ("sft", "reward", "rl")}
+    training = {name: demo[name].read_text(encoding="utf-8") for name in ("sft", "reward", "rl", "compare")}
     for country in split["rl"] + split["eval"]:
-        for name in ("sft", "reward"):
+        for name in ("sft", "reward", "compare"):  # compare: the prompts whose SFT samples are ranked
             assert country.name not in training[name], (country.name, name)
             assert country.capital not in training[name], (country.capital, name)
     for country in split["eval"]:
@@ -187,6 +187,7 @@ def test_default_size_and_speed(tmp_path: Path) -> None:
 
 def test_every_generated_file_reads_as_records(demo: dict[str, Path]) -> None:
     kinds = {"pretrain": TextRecord, "sft": ChatRecord, "sft_eval": ChatRecord, "reward": ComparisonRecord,
-             "reward_eval": ComparisonRecord, "rl": PromptRecord, "rl_eval": PromptRecord}
+             "reward_eval": ComparisonRecord, "rl": PromptRecord, "rl_eval": PromptRecord,
+             "compare": PromptRecord}
     for name, kind in kinds.items():
         assert len(read_records(demo[name], kind)) == len(rows(demo[name]))

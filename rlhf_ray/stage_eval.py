@@ -1,0 +1,319 @@
+"""Every stage's model on the same held-out questions: does each step do what the talk says?
+
+The questions are rl_eval prompts about countries SFT never saw, each with a reference answer. The
+base model gets the bare question as a document (as a user would try it) or k worked "Q:/A:"
+examples from the SFT data first; SFT and RLHF get it as a user turn. Greedy, 48 new tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from rlhf_ray.config import RunConfig
+from rlhf_ray.data.readers import read_many
+from rlhf_ray.data.records import ChatRecord, Message, PromptRecord
+from rlhf_ray.evaluate import generate_greedy
+from rlhf_ray.modeling import load_policy, load_scalar_model
+from rlhf_ray.pipeline import data_files
+from rlhf_ray.storage import write_json_atomic, write_text_atomic
+from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer
+from rlhf_ray.train.stages import base_dir
+
+MAX_NEW_TOKENS = 48
+SHOTS = (0, 1, 3, 5)
+VARIANTS = [f"base {k}-shot" for k in SHOTS] + ["sft", "rlhf"]
+ANSWERS_RULE = ("A reply *answers* when its first line, stripped, is non-empty, does not end with "
+                "\"?\" and is not the question itself (case and trailing punctuation aside).")
+
+
+def held_out_questions(cfg: RunConfig) -> list[PromptRecord]:
+    """rl_eval prompts with a reference answer and a single user turn."""
+    paths = data_files(cfg)["rl_eval"]
+    records = read_many(paths, PromptRecord) if paths else []
+    records = [r for r in records if r.ground_truth and len(r.prompt) == 1]
+    if not records:
+        where = ", ".join(map(str, paths)) or "no files: set data.rl_eval or data.demo"
+        raise ValueError(f"no held-out questions with a ground_truth and one user turn in "
+                         f"data.rl_eval ({where})")
+    return records
+
+
+def few_shot_examples(cfg: RunConfig, count: int = 5) -> list[tuple[str, str]]:
+    """`count` single-turn SFT (question, answer) pairs, seeded; distinct first words first, so the
+    examples show several kinds of question rather than five capitals."""
+    paths = data_files(cfg)["sft"]
+    pairs = [(r.messages[0].content, r.messages[1].content) for r in read_many(paths, ChatRecord)
+             if [m.role for m in r.messages] == ["user", "assistant"]] if paths else []
+    if len(pairs) < count:
+        raise ValueError(f"few-shot prompting needs {count} single-turn conversations (a user "
+                         f"turn, then an assistant turn) in data.sft; "
+                         f"{', '.join(map(str, paths)) or 'no files'} hold {len(pairs)}")
+    random.Random(cfg.seed).shuffle(pairs)
+    seen: set[str] = set()
+    distinct, rest = [], []
+    for pair in pairs:
+        word = pair[0].split()[0].lower()
+        (rest if word in seen else distinct).append(pair)
+        seen.add(word)
+    return (distinct + rest)[:count]
+
+
+def base_document(examples: list[tuple[str, str]], question: str) -> str:
+    """0-shot: the bare question as a line of a document; k-shot: k worked examples, then the
+    question in the same format with the answer left for the model."""
+    if not examples:
+        return question + "\n"
+    return "".join(f"Q: {q}\nA: {a}\n\n" for q, a in examples) + f"Q: {question}\nA:"
+
+
+def first_line(text: str) -> str:
+    return text.split("\n", 1)[0].strip()
+
+
+def first_line_ids(tokenizer: ChatTokenizer, ids: list[int]) -> list[int]:
+    """The generated tokens that make up the first line (a token such as "?\n" counts); decoding
+    them alone could split a character, so the reply's text comes from all of them."""
+    for i, token in enumerate(ids):
+        text = tokenizer.decode([token])
+        if "\n" in text:
+            return ids[: i + bool(text.split("\n", 1)[0].strip())]
+    return ids
+
+
+def answers(question: str, reply: str) -> bool:
+    """Whether the reply answers at all rather than continuing the document: its first line is
+    non-empty, does not end with "?" (another question) and is not the question repeated (case
+    and trailing punctuation aside). Right or wrong does not matter here; exact match says that."""
+    def bare(text: str) -> str:
+        return text.strip().rstrip("?.!").strip().lower()
+
+    line = first_line(reply)
+    return bool(line) and not line.endswith("?") and bare(line) != bare(question)
+
+
+def has_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+def right_padded(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """A forward pass's inputs: real tokens keep positions 0..n-1, the padding is masked out."""
+    width = max(map(len, rows))
+    return {"input_ids": torch.tensor([r + [pad_id] * (width - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])}
+
+
+def kl_along(policy: PreTrainedModel, reference: PreTrainedModel, prompts: list[list[int]],
+             replies: list[list[int]], pad_id: int, batch_size: int = 8) -> list[float]:
+    """Per reply, the sum over its generation steps of the exact KL(policy || reference) of the
+    next-token distributions, over the full vocabulary. A step's KL depends on its prefix only, so
+    the step that chose the (dropped) stop token counts too when the reply stopped early."""
+    out: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        end = start + batch_size
+        inputs = right_padded([p + r for p, r in zip(prompts[start:end], replies[start:end])], pad_id)
+        with torch.no_grad():
+            logp = torch.log_softmax(policy(**inputs).logits.float(), -1)
+            logq = torch.log_softmax(reference(**inputs).logits.float(), -1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+        for row, i in enumerate(range(start, min(end, len(prompts)))):
+            steps = len(replies[i]) + (len(replies[i]) < MAX_NEW_TOKENS)
+            out.append(kl[row, len(prompts[i]) - 1 : len(prompts[i]) - 1 + steps].sum().item())
+    return out
+
+
+def reward_scores(folder: Path, questions: list[str], replies: dict[str, list[str]],
+                  batch_size: int = 32) -> dict[str, list[float]]:
+    """The reward model's (loaded once) score of each [question, reply] conversation, computed as
+    serve/app.py's RewardModel does."""
+    tokenizer, model = load_tokenizer(folder), load_scalar_model(folder).eval()
+    scores: dict[str, list[float]] = {}
+    for name, texts in replies.items():
+        rendered = [tokenizer.render_chat([Message(role="user", content=q),
+                                           Message(role="assistant", content=t)])[0]
+                    for q, t in zip(questions, texts)]
+        scores[name] = []
+        for start in range(0, len(rendered), batch_size):
+            with torch.no_grad():
+                logits = model(**right_padded(rendered[start:start + batch_size], tokenizer.pad_id)).logits
+            scores[name] += logits[:, 0].float().tolist()
+    return scores
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def claim(text: str, left: tuple[str, float | None], op: str, right: tuple[str, float | None]) -> dict:
+    """`left op right` decides the claim; the detail shows both numbers, whichever way it goes."""
+    (left_name, a), (right_name, b) = left, right
+    missing = [name for name, value in (left, right) if value is None]
+    if missing:
+        return {"claim": text, "holds": None, "detail": f"not measured (no {' or '.join(missing)})"}
+    holds = {"<": a < b, ">": a > b, ">=": a >= b}[op]
+    return {"claim": text, "holds": holds,
+            "detail": f"{left_name} {a:.3f} {op if holds else 'not ' + op} {right_name} {b:.3f}"}
+
+
+def check_claims(variants: dict[str, dict]) -> list[dict]:
+    """The talk's claims, each decided by one fixed comparison of the measured numbers."""
+    def get(name: str, key: str) -> tuple[str, float | None]:
+        return f"{name} {key}", variants.get(name, {}).get(key)
+
+    shots = [get(n, "exact_match") for n in VARIANTS[1:4] if n in variants]
+    best = max(shots, key=lambda s: s[1]) if shots else ("base k-shot exact_match", None)
+    return [
+        claim("a base model rarely answers a bare question", get("base 0-shot", "answers"), "<",
+              ("threshold", 0.5)),
+        claim("few-shot examples help the base model", best, ">", get("base 0-shot", "exact_match")),
+        claim("SFT beats few-shot prompting", get("sft", "exact_match"), ">", best),
+        claim("RLHF raises the reward model's score over SFT", get("rlhf", "reward"), ">",
+              get("sft", "reward")),
+        claim("without losing exact match", get("rlhf", "exact_match"), ">=",
+              get("sft", "exact_match")),
+    ]
+
+
+def markdown(name: str, result: dict) -> str:
+    """stages.md: what was asked, the table, the definitions, the claims and the chart."""
+    def fmt(value: float | None, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+
+    verdict = {True: "holds", False: "does NOT hold", None: "not measured"}
+    lines = [f"# Evaluation across stages: `{name}`", "",
+             f"{result['questions']} held-out questions (data.rl_eval; the demo keeps their "
+             "countries out of SFT), greedy, "
+             f"{MAX_NEW_TOKENS} new tokens. The base model gets the bare question as a document, or "
+             "k worked examples `Q: question\\nA: answer` from the SFT data before `Q: question\\nA:`; "
+             "its reply is its continuation up to the first newline. SFT and RLHF get the question "
+             "as a user turn.", "",
+             "| model | exact match | RM score | KL to SFT | length (tokens) | answers |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for v in result["variants"]:
+        cells = [fmt(v[k], spec) for k, spec in (("exact_match", ".2f"), ("reward", ".3f"),
+                                                 ("kl_to_sft", ".3f"), ("length", ".1f"), ("answers", ".2f"))]
+        lines.append(f"| {v['name']} | " + " | ".join(cells) + " |")
+    lines += [f"| {n} | skipped: {why} | | | | |" for n, why in result["skipped"].items()]
+    lines += ["", f"Exact match: the reference answer appears verbatim in the reply. {ANSWERS_RULE} "
+              "KL to SFT: per reply, the summed per-token KL(RLHF ‖ SFT) along RLHF's own reply.", "",
+              "The talk's claims, checked:", ""]
+    lines += [f"- {c['claim']}: **{verdict[c['holds']]}** ({c['detail']})" for c in result["claims"]]
+    return "\n".join(lines + ["", "![stages](stages.png)", ""])
+
+
+def plot(variants: list[dict], out: Path) -> None:
+    """Exact match and answer rate per variant (0–1), and the mean RM score in a second panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    names, x = [v["name"] for v in variants], range(len(variants))
+    figure, (rates, scores) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for offset, key in ((-0.2, "exact_match"), (0.2, "answers")):
+        rates.bar([i + offset for i in x], [v[key] for v in variants], width=0.4, label=key)
+    rates.set(ylim=(0, 1), title="fraction of held-out questions")
+    rates.legend(fontsize=8)
+    scored = [i for i in x if variants[i]["reward"] is not None]
+    scores.bar(scored, [variants[i]["reward"] for i in scored], color="tab:green")
+    scores.set_title("reward model score (mean)" if scored else "no reward model")
+    for ax in (rates, scores):
+        ax.set_xticks(list(x), names, rotation=20, fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    figure.savefig(tmp, dpi=110, format="png")
+    plt.close(figure)
+    os.replace(tmp, out)
+
+
+def base_variants(folder: Path, questions: list[str], examples: list[tuple[str, str]],
+                  log: Callable[[str], None]) -> tuple[dict, dict]:
+    """The base model's replies and their token counts (the model loaded once), 0/1/3/5-shot; a
+    reply is the first line of the continuation, since what follows is the document going on."""
+    tokenizer, model = load_tokenizer(folder), load_policy(folder)
+    replies, lengths = {}, {}
+    for k in SHOTS:
+        log(f"base {k}-shot: {len(questions)} questions")
+        docs = [tokenizer.encode_document(base_document(examples[:k], q)) for q in questions]
+        out = generate_greedy(folder, docs, MAX_NEW_TOKENS, model=model)
+        replies[f"base {k}-shot"] = [first_line(tokenizer.decode(ids)) for ids in out]
+        lengths[f"base {k}-shot"] = [len(first_line_ids(tokenizer, ids)) for ids in out]
+    return replies, lengths
+
+
+def chat_variants(run_dir: Path, records: list[PromptRecord], log: Callable[[str], None],
+                  skipped: dict[str, str]) -> tuple[dict, dict, dict[str, list[float]]]:
+    """SFT's and RLHF's replies and token counts (each model loaded once), and their KL to SFT,
+    measured along RLHF's own replies."""
+    replies, lengths, kl, sft_model = {}, {}, {}, None
+    for stage in ("sft", "rlhf"):
+        folder = run_dir / stage
+        if not has_model(folder):
+            skipped[stage] = f"{folder}: no config.json"
+            continue
+        log(f"{stage}: {len(records)} questions")
+        tokenizer, model = load_tokenizer(folder), load_policy(folder).eval()
+        prompts = [tokenizer.render_prompt(r.prompt) for r in records]
+        out = generate_greedy(folder, prompts, MAX_NEW_TOKENS, model=model)
+        replies[stage], lengths[stage] = [tokenizer.decode(ids) for ids in out], [len(ids) for ids in out]
+        if stage == "sft":
+            sft_model, kl["sft"] = model, [0.0] * len(out)  # KL of a model to itself
+        elif sft_model is not None:
+            kl["rlhf"] = kl_along(model, sft_model, prompts, out, tokenizer.pad_id)
+    return replies, lengths, kl
+
+
+def summarise(name: str, records: list[PromptRecord], replies: list[str], lengths: list[int],
+              rewards: list[float] | None, kl: list[float] | None) -> dict:
+    """One row of the table, with 3 sample replies spread over the questions."""
+    questions = [r.prompt[0].content for r in records]
+    picks = sorted({round(i * (len(records) - 1) / 2) for i in range(3)})
+    return {
+        "name": name,
+        "exact_match": mean([float(r.ground_truth in t) for r, t in zip(records, replies)]),
+        "reward": mean(rewards) if rewards is not None else None,
+        "kl_to_sft": mean(kl) if kl is not None else None,
+        "length": mean(lengths),
+        "answers": mean([float(answers(q, t)) for q, t in zip(questions, replies)]),
+        "count": len(replies),
+        "samples": [{"question": questions[i], "reply": replies[i], "reference": records[i].ground_truth}
+                    for i in picks],
+    }
+
+
+def evaluate_stages(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
+    """Evaluate base (0/1/3/5-shot), SFT and RLHF on the held-out questions and check the talk's
+    claims; writes <run>/eval/stages.{json,md,png} and returns <run>/eval."""
+    records = held_out_questions(cfg)
+    examples = few_shot_examples(cfg)
+    questions = [r.prompt[0].content for r in records]
+    replies: dict[str, list[str]] = {}
+    lengths: dict[str, list[int]] = {}
+    skipped: dict[str, str] = {}
+    base = base_dir(cfg)
+    if has_model(base):
+        replies, lengths = base_variants(base, questions, examples, log)
+    else:
+        skipped |= {f"base {k}-shot": f"{base}: no config.json" for k in SHOTS}
+    chat, chat_lengths, kl = chat_variants(cfg.run_dir, records, log, skipped)
+    replies, lengths = replies | chat, lengths | chat_lengths
+    rewards: dict[str, list[float]] = {}
+    if has_model(cfg.run_dir / "reward"):
+        log("reward model: scoring every reply")
+        rewards = reward_scores(cfg.run_dir / "reward", questions, replies)
+    variants = [summarise(n, records, replies[n], lengths[n], rewards.get(n), kl.get(n))
+                for n in VARIANTS if n in replies]
+    result = {"questions": len(records), "variants": variants, "skipped": skipped,
+              "claims": check_claims({v["name"]: v for v in variants})}
+    out_dir = cfg.run_dir / "eval"
+    write_json_atomic(out_dir / "stages.json", result)
+    write_text_atomic(out_dir / "stages.md", markdown(cfg.name, result))
+    plot(variants, out_dir / "stages.png")
+    log(f"wrote {out_dir}/stages.json, stages.md and stages.png")
+    return out_dir
