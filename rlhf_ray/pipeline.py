@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +28,7 @@ from rlhf_ray.storage import atomic_folder
 from rlhf_ray.train import stages
 from rlhf_ray.tokenizer import BPETokenizer, ChatTokenizer, load_tokenizer, train_bpe
 
+DEMO_FILES = ("pretrain", "sft", "sft_eval", "reward", "reward_eval", "rl", "rl_eval", "compare")
 RECORD_KINDS = {
     "pretrain": TextRecord,
     "sft": ChatRecord,
@@ -98,7 +101,15 @@ def make_demo_data(cfg: RunConfig) -> None:
         return
     out = cfg.run_dir / "data"
     if out.exists():
-        log("data", f"{out} exists, skipped")
+        missing = [k for k in DEMO_FILES if not (out / f"{k}.jsonl").exists()]
+        if missing:  # a run begun by an older version: add the files it lacks (deterministic)
+            with tempfile.TemporaryDirectory(dir=cfg.run_dir, prefix=".data-") as tmp:
+                write_demo_data(Path(tmp), cfg.data.demo)
+                for kind in missing:
+                    os.replace(Path(tmp) / f"{kind}.jsonl", out / f"{kind}.jsonl")
+            log("data", f"{out} exists; added {', '.join(missing)}")
+        else:
+            log("data", f"{out} exists, skipped")
         return
     start = time.perf_counter()
     with atomic_folder(out) as tmp:

@@ -67,13 +67,20 @@ class RankingPage:
             return problem(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
         return None
 
+    async def run(self, fn: Any, *args: Any) -> Any:
+        """A store call off the event loop; no candidates yet is a 404 that says so."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except FileNotFoundError as e:
+            return problem(404, str(e))
+
     @rank_api.get("/", response_class=HTMLResponse)
     async def page(self) -> str:
         return PAGE.read_text(encoding="utf-8")
 
     @rank_api.get("/api/progress")
     async def progress(self, request: Request, labeler: str | None = None) -> Any:
-        return self.refused(request) or await asyncio.to_thread(self.store.progress, labeler)
+        return self.refused(request) or await self.run(self.store.progress, labeler)
 
     @rank_api.get("/api/next")
     async def next_prompt(self, request: Request, labeler: str = "") -> Any:
@@ -82,8 +89,10 @@ class RankingPage:
         if not re.fullmatch(LABELER_ID, labeler):
             return problem(400, f"labeler: {labeler!r} is not a labeler id (1-64 letters, digits, "
                            "or . _ @ + -; say who you are with ?labeler=your-name)")
-        candidate = await asyncio.to_thread(self.store.next_for, labeler)
-        progress = await asyncio.to_thread(self.store.progress, labeler)
+        candidate = await self.run(self.store.next_for, labeler)
+        if isinstance(candidate, JSONResponse):
+            return candidate
+        progress = await self.run(self.store.progress, labeler)
         if candidate is None:
             return {"done": True, "progress": progress}
         return {"done": False, "progress": progress, "prompt_id": candidate.id,
@@ -101,13 +110,15 @@ class RankingPage:
             field = ".".join(str(p) for p in first["loc"])
             return problem(400, f"{field}: {first['msg']}" if field else first["msg"])
         try:
-            record = await asyncio.to_thread(self.store.submit, body.prompt_id, body.order,
-                                             body.labeler, body.unacceptable)
+            record = await self.run(self.store.submit, body.prompt_id, body.order, body.labeler,
+                                    body.unacceptable)
         except AlreadyRanked as e:
             return problem(409, str(e))
         except RankingError as e:
             return problem(400, str(e))
-        progress = await asyncio.to_thread(self.store.progress, body.labeler)
+        if isinstance(record, JSONResponse):
+            return record
+        progress = await self.run(self.store.progress, body.labeler)
         return {"recorded": record.model_dump(mode="json", include={"id", "labeler", "time"}),
                 "progress": progress}
 

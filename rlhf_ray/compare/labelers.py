@@ -7,8 +7,9 @@ responses by score; of responses with equal scores only the first is kept, since
 nothing about which is better and a forced order would teach the reward model noise.
 
 `demo` is the demo's simulated labeler. It knows the true facts of the demo world and prefers,
-in this order, a correct answer to a wrong one, a complete sentence naming the country to a bare
-fact, and a polite, to-the-point reply to rambling, questions back or silence.
+in this order, a correct answer to a wrong one or to one about another country, a complete sentence
+naming the country to a bare fact, and a polite, to-the-point reply to rambling, questions back or
+silence.
 """
 
 from __future__ import annotations
@@ -94,8 +95,12 @@ def _score(reply: str, country: str | None, truth: str | None, others: set[str])
     wrong = any(mentions(text, o) for o in others)
     score = {(True, False): 4.0, (True, True): 0.0, (False, True): -4.0, (False, False): -1.0}[
         (right, wrong)]
-    if right and country is not None and mentions(text, country):
+    named = country is not None and mentions(text, country)
+    if right and named:
         score += 1.0  # a complete sentence, not a bare fact
+    if country is not None and not named and any(mentions(text, n) for n in BY_NAME):
+        score -= 6.0  # about another country ("Greece uses the euro", asked about France): below
+        # "I don't know", above a wrong fact, as the demo's template comparisons rank it
     if text.endswith((".", "!")):
         score += 0.5
     if "?" in text:  # questions back, or the base model's habit of listing more questions

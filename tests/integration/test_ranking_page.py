@@ -2,7 +2,6 @@
 Serve, in headless Chromium; the command returns once every prompt is ranked."""
 
 import json
-import shutil
 import socket
 import threading
 import traceback
@@ -16,6 +15,7 @@ from rlhf_ray.cli import main
 from rlhf_ray.compare.store import Candidate, ComparisonStore
 from rlhf_ray.data.readers import read_records
 from rlhf_ray.data.records import ComparisonRecord
+from tests.browser import new_page
 
 pytestmark = pytest.mark.integration
 
@@ -83,21 +83,13 @@ def people_rank(base: str, store: ComparisonStore, chosen: dict, errors: list) -
         assert call(f"{api}/next?labeler=no%20spaces!")[0] == 400
         assert not store.rankings_path.exists()
 
-        from playwright.sync_api import sync_playwright
-
-        chromium = shutil.which("chromium")
-        assert chromium, "Debian's chromium is needed (scripts/setup.sh installs it)"
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=chromium, headless=True)
-            page = browser.new_page()
-            page.goto(f"{base}/rank/")
+        with new_page(f"{base}/rank/") as page:
             page.fill("#labeler", "alice")
             page.dispatch_event("#labeler", "change")
             chosen[rank_in_browser(page, [2, 0, 1])] = ([2, 0, 1], [])
             chosen[rank_in_browser(page, [1, 2, 0], unacceptable=0)] = ([1, 2, 0], [2])
             page.reload()  # the id is remembered; the page goes on where alice left off
             chosen[rank_in_browser(page, [0, 2, 1])] = ([0, 2, 1], [])
-            browser.close()
         rows = [json.loads(line) for line in store.rankings_path.read_text().splitlines()]
         assert len(rows) == 3, rows  # exactly three records
         # bob was shown another prompt all along; alice's prompts are taken.

@@ -25,6 +25,7 @@ from rlhf_ray.data.records import Message
 from rlhf_ray.modeling import load_policy, load_scalar_model, save_model
 from rlhf_ray.tokenizer import load_tokenizer
 from serve.run import APP_NAME, start
+from tests.browser import new_page
 from tests.tiny import FACTS, memorise
 
 pytestmark = pytest.mark.integration
@@ -217,20 +218,12 @@ def test_bad_score_requests(url, body, status, message):
 
 @pytest.fixture
 def page(url):
-    from playwright.sync_api import sync_playwright
-
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is needed (scripts/setup.sh installs it)"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, headless=True)
-        page = browser.new_page()
-        page.goto(f"{url}/")
+    with new_page(f"{url}/") as page:
         page.fill("#key", KEY)
         page.dispatch_event("#key", "change")
         page.wait_for_function("document.querySelectorAll('#model option').length === 3")
         page.fill("#temperature", "0")  # greedy: the replies are known
         yield page
-        browser.close()
 
 
 def test_the_chat_page_streams_a_chat_with_the_chosen_stage(page):

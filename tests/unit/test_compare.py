@@ -157,8 +157,9 @@ def test_the_demo_labeler_knows_facts_of_other_countries_are_wrong_here():
     # "Niger" is no country of the demo world; the labeler still judges style without facts.
     assert demo_labeler(question, ["It is the euro.", "euro?"], None) == [-0.5, -2.0]
     france = [{"role": "user", "content": "What is the currency of France?"}]
-    right, wrong = demo_labeler(france, ["France uses the euro.", "France uses the Swiss franc."], "euro")
-    assert right > 0 > wrong
+    right, elsewhere, wrong = demo_labeler(
+        france, ["France uses the euro.", "Greece uses the euro.", "France uses the Swiss franc."], "euro")
+    assert right > 0 > elsewhere > wrong  # true of Greece, but no answer about France
 
 
 def test_ties_keep_only_the_first_response_of_each_score():

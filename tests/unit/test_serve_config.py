@@ -8,6 +8,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from rlhf_ray.compare.store import Candidate, ComparisonStore
 from rlhf_ray.config import load_config, save_config
 from serve.app import app_builder, stage_folders
 from serve.run import deploy_config
@@ -17,8 +18,21 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_the_serve_config_validates_against_rays_schema():
     config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "serve_config.yaml").read_text()))
-    [app] = config.applications
+    app, rank = config.applications
     assert app.import_path == "serve.app:app_builder" and app.args == {"run": "runs/demo"}
+    assert rank.import_path == "serve.rank:app_builder" and rank.route_prefix == "/rank"
+
+
+def test_the_ranking_page_is_deployed_when_the_run_has_comparisons_to_rank(tmp_path, tiny_policy_dir):
+    cfg = load_config(REPO / "configs" / "test.yaml", [f"runs_dir={tmp_path}", "compare.lease_s=60"])
+    shutil.copytree(tiny_policy_dir, cfg.run_dir / "sft")
+    assert [a.name for a in deploy_config(cfg.run_dir, cfg).applications] == ["rlhf-ray"]
+    ComparisonStore(cfg.run_dir / "compare").write_candidates(
+        [Candidate(id="p0", prompt=[{"role": "user", "content": "Hi?"}], responses=["a", "b"])])
+    chat, rank = deploy_config(cfg.run_dir, cfg).applications
+    assert rank.name == "rlhf-ray-rank" and rank.args["lease_s"] == 60
+    assert rank.args["folder"] == str((cfg.run_dir / "compare").resolve())
+    assert [a.name for a in deploy_config(cfg.run_dir, cfg, chat=False).applications] == ["rlhf-ray-rank"]
 
 
 def test_the_import_path_builds_the_app_of_a_run(tmp_path, tiny_policy_dir):
@@ -34,7 +48,7 @@ def user_configs(run_dir: Path, overrides: list[str] = ()) -> dict[str, dict]:
     """Each deployment's user_config in the deploy config of `run_dir` (what Serve compares)."""
     cfg = load_config(REPO / "configs" / "test.yaml", [f"runs_dir={run_dir.parent}", f"name={run_dir.name}",
                                                          *overrides])
-    [app] = deploy_config(run_dir, cfg).applications
+    app = deploy_config(run_dir, cfg).applications[0]
     return {d.name: d.user_config for d in app.deployments}
 
 
