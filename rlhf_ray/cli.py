@@ -193,7 +193,16 @@ def collect_and_rank(cfg: RunConfig) -> None:
           f"left); records go to {store.rankings_path}", flush=True)
     if joins_cluster(cfg.cluster):
         return
-    wait_for_ctrl_c(until=lambda: not store.progress()["remaining"])
+    said = [store.progress()["ranked"]]
+
+    def all_ranked() -> bool:
+        progress = store.progress()
+        if progress["ranked"] != said[-1]:
+            said.append(progress["ranked"])
+            log("compare", f"{progress['ranked']} of {progress['total']} prompts ranked")
+        return not progress["remaining"]
+
+    wait_for_ctrl_c(until=all_ranked)
 
 
 @contextmanager
