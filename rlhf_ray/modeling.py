@@ -20,12 +20,15 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
 )
+from transformers.utils import logging as hf_logging
 
 from rlhf_ray.config import ModelConfig
 from rlhf_ray.storage import atomic_folder
 from rlhf_ray.tokenizer import ChatTokenizer
 
 WEIGHTS_FILE = "model.safetensors"
+# A bar per tiny local folder loaded (the demo loads a dozen) says nothing.
+hf_logging.disable_progress_bar()
 
 
 def llama_config(cfg: ModelConfig, tokenizer: ChatTokenizer) -> LlamaConfig:
