@@ -20,6 +20,7 @@ import ray
 import torch
 from ray import serve
 
+from rlhf_ray.compare.store import Candidate, ComparisonStore
 from rlhf_ray.config import load_config
 from rlhf_ray.data.records import Message
 from rlhf_ray.modeling import load_policy, load_scalar_model, save_model
@@ -64,6 +65,8 @@ def served(tiny_policy_dir, tiny_reward_dir, tmp_path_factory):
     shutil.copytree(tiny_reward_dir, cfg.run_dir / "reward")
     for stage in ("sft", "rlhf"):  # two chat stages, as a run has
         save_model(chat_model(tiny_policy_dir), load_tokenizer(tiny_policy_dir), cfg.run_dir / stage)
+    ComparisonStore(cfg.run_dir / "compare").write_candidates([Candidate(  # answers to rank
+        id="p0", prompt=QUESTION, responses=["Paris.", "The capital of France is Paris."])])
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(num_cpus=2, include_dashboard=False)
@@ -234,6 +237,14 @@ def test_the_chat_page_streams_a_chat_with_the_chosen_stage(page):
                            "&& document.querySelectorAll('.assistant').length === 1", timeout=60_000)
     assert page.inner_text(".user") == "You: " + QUESTION[0]["content"]
     assert page.inner_text(".assistant") == "Paris."
+
+
+def test_the_ranking_page_is_served_beside_the_chat_page_behind_the_same_key(page, url):
+    page.wait_for_selector("#rank:not([hidden])")  # the chat page links to it
+    assert httpx.get(f"{url}/rank/api/progress", timeout=30).status_code == 401
+    progress = httpx.get(f"{url}/rank/api/progress", headers=AUTH, timeout=30).json()
+    assert progress == {"total": 1, "ranked": 0, "remaining": 1, "by_you": 0}
+    assert "rlhf-ray ranking" in httpx.get(f"{url}/rank/", timeout=30).text
 
 
 def test_the_chat_page_compares_three_stages_with_the_reward_models_scores(page, url):
