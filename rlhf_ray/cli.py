@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate base (0/1/3/5-shot), SFT and RLHF on "
                                    "held-out questions: <run>/eval/stages.{md,json,png}")
     evaluate.add_argument("--run", required=True, help="the run folder, e.g. runs/demo")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override one setting of the run's config, e.g. --set "
+                          "evaluation.resources.num_gpus=1")
     talk = commands.add_parser("chat", help="chat in the terminal with a running server's model")
     talk.add_argument("--url", default="http://127.0.0.1:8000", help="the server (rlhf-ray serve)")
     talk.add_argument("--model", default="rlhf", help="base, sft or rlhf")
@@ -120,11 +123,11 @@ def run_demo(cfg: RunConfig, serve: bool) -> None:
     """The newcomer's command: every stage, the report, then every stage's model served."""
     from rlhf_ray import pipeline
     from rlhf_ray.report import write_report
-    from rlhf_ray.stage_eval import evaluate_stages
+    from rlhf_ray.stage_eval import run_evaluation
 
     started = time.perf_counter()
     run_dir = pipeline.run_pipeline(cfg)
-    evaluate_stages(cfg, log=lambda message: pipeline.log("eval", message))
+    run_evaluation(cfg, log=lambda message: pipeline.log("eval", message))
     report = write_report(cfg, pipeline.data_files(cfg)["rl_eval"])
     print("\n" + report.read_text(encoding="utf-8"), flush=True)
     print(f"rlhf-ray: demo done in {time.perf_counter() - started:.0f}s; report {report}, "
@@ -169,9 +172,9 @@ def run_command(command: str, cfg: RunConfig) -> None:
         pipeline.check_data(cfg, kinds=["rl", "rl_eval"])
         pipeline.train_rlhf(cfg)
     elif command == "eval":
-        from rlhf_ray.stage_eval import evaluate_stages
+        from rlhf_ray.stage_eval import run_evaluation
 
-        evaluate_stages(cfg, log=lambda message: pipeline.log("eval", message))
+        run_evaluation(cfg, log=lambda message: pipeline.log("eval", message))
     elif command == "pipeline":
         pipeline.run_pipeline(cfg)
 
@@ -233,8 +236,8 @@ def main(argv: list[str] | None = None) -> None:
             from pathlib import Path
 
             run_dir = Path(args.run)
-            cfg = load_config(run_dir / "config.yaml", [f"runs_dir={run_dir.resolve().parent}",
-                                                        f"name={run_dir.name}"])
+            cfg = load_config(run_dir / "config.yaml", [*args.overrides, f"name={run_dir.name}",
+                                                        f"runs_dir={run_dir.resolve().parent}"])
             run_command("eval", cfg)
             return
         if args.command == "chat":

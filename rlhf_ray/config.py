@@ -398,6 +398,16 @@ class CompareConfig(Section):
         return self
 
 
+class EvalConfig(Section):
+    """Where `rlhf-ray eval` runs: one Ray task that loads each stage's model in turn."""
+
+    resources: RoleResources = Field(
+        default_factory=lambda: RoleResources(num_cpus=1.0),
+        description="Ray resources of the evaluation task: num_gpus 1 evaluates on a GPU (on a "
+        "cluster, a GPU node); threads: torch threads on a CPU (None: num_cpus).",
+    )
+
+
 # --------------------------------------------------------------------------- serving and cluster
 
 
@@ -477,6 +487,9 @@ class RunConfig(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Stage 2.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Stage 3a.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="Stage 3b.")
+    evaluation: EvalConfig = Field(
+        default_factory=EvalConfig, description="The evaluation across stages (rlhf-ray eval)."
+    )
     compare: CompareConfig | None = Field(
         None, description="Collect ranked SFT samples as reward data (`rlhf-ray compare-data`, "
         "run by the pipeline between SFT and the reward model). null: data.reward only.",

@@ -31,8 +31,8 @@ def generate_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: i
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         width = max(len(p) for p in chunk)
-        ids = torch.tensor([[tokenizer.pad_id] * (width - len(p)) + p for p in chunk])
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        ids = torch.tensor([[tokenizer.pad_id] * (width - len(p)) + p for p in chunk], device=model.device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=tokenizer.stop_ids,

@@ -101,11 +101,18 @@ def has_model(folder: Path) -> bool:
     return (folder / "config.json").is_file()
 
 
-def right_padded(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def right_padded(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+                 ) -> dict[str, torch.Tensor]:
     """A forward pass's inputs: real tokens keep positions 0..n-1, the padding is masked out."""
     width = max(map(len, rows))
-    return {"input_ids": torch.tensor([r + [pad_id] * (width - len(r)) for r in rows]),
-            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])}
+    return {"input_ids": torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows],
+                                           device=device)}
+
+
+def on_device(model: PreTrainedModel) -> PreTrainedModel:
+    """The model in eval mode on the GPU this process was given, if any."""
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
 def kl_along(policy: PreTrainedModel, reference: PreTrainedModel, prompts: list[list[int]],
@@ -116,7 +123,8 @@ def kl_along(policy: PreTrainedModel, reference: PreTrainedModel, prompts: list[
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
         end = start + batch_size
-        inputs = right_padded([p + r for p, r in zip(prompts[start:end], replies[start:end])], pad_id)
+        inputs = right_padded([p + r for p, r in zip(prompts[start:end], replies[start:end])], pad_id,
+                              policy.device)
         with torch.no_grad():
             logp = torch.log_softmax(policy(**inputs).logits.float(), -1)
             logq = torch.log_softmax(reference(**inputs).logits.float(), -1)
@@ -131,7 +139,7 @@ def reward_scores(folder: Path, questions: list[str], replies: dict[str, list[st
                   batch_size: int = 32) -> dict[str, list[float]]:
     """The reward model's (loaded once) score of each [question, reply] conversation, computed as
     serve/app.py's RewardModel does."""
-    tokenizer, model = load_tokenizer(folder), load_scalar_model(folder).eval()
+    tokenizer, model = load_tokenizer(folder), on_device(load_scalar_model(folder))
     scores: dict[str, list[float]] = {}
     for name, texts in replies.items():
         rendered = [tokenizer.render_chat([Message(role="user", content=q),
@@ -140,7 +148,8 @@ def reward_scores(folder: Path, questions: list[str], replies: dict[str, list[st
         scores[name] = []
         for start in range(0, len(rendered), batch_size):
             with torch.no_grad():
-                logits = model(**right_padded(rendered[start:start + batch_size], tokenizer.pad_id)).logits
+                batch = right_padded(rendered[start:start + batch_size], tokenizer.pad_id, model.device)
+                logits = model(**batch).logits
             scores[name] += logits[:, 0].float().tolist()
     return scores
 
@@ -236,7 +245,7 @@ def base_variants(folder: Path, questions: list[str], examples: list[tuple[str, 
                   log: Callable[[str], None]) -> tuple[dict, dict]:
     """The base model's replies and their token counts (the model loaded once), 0/1/3/5-shot; a
     reply is the first line of the continuation, since what follows is the document going on."""
-    tokenizer, model = load_tokenizer(folder), load_policy(folder)
+    tokenizer, model = load_tokenizer(folder), on_device(load_policy(folder))
     replies, lengths = {}, {}
     for k in SHOTS:
         log(f"base {k}-shot: {len(questions)} questions")
@@ -258,7 +267,7 @@ def chat_variants(run_dir: Path, records: list[PromptRecord], log: Callable[[str
             skipped[stage] = f"{folder}: no config.json"
             continue
         log(f"{stage}: {len(records)} questions")
-        tokenizer, model = load_tokenizer(folder), load_policy(folder).eval()
+        tokenizer, model = load_tokenizer(folder), on_device(load_policy(folder))
         prompts = [tokenizer.render_prompt(r.prompt) for r in records]
         out = generate_greedy(folder, prompts, MAX_NEW_TOKENS, model=model)
         replies[stage], lengths[stage] = [tokenizer.decode(ids) for ids in out], [len(ids) for ids in out]
@@ -317,3 +326,26 @@ def evaluate_stages(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
     plot(variants, out_dir / "stages.png")
     log(f"wrote {out_dir}/stages.json, stages.md and stages.png")
     return out_dir
+
+
+def run_evaluation(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
+    """evaluate_stages in a Ray task with `evaluation.resources`, so that on a cluster it runs
+    where a GPU is rather than on the driver (its lines come back through Ray's log)."""
+    import ray
+
+    from rlhf_ray.cluster import ACTOR_ENV, ResourcesError, connect, describe, joins_cluster, why_unplaceable
+
+    res = cfg.evaluation.resources
+    bundle = {"CPU": res.num_cpus} | ({"GPU": res.num_gpus} if res.num_gpus else {})
+    connect(cfg.cluster)
+    if not joins_cluster(cfg.cluster) and (reason := why_unplaceable([bundle])):
+        raise ResourcesError(f"evaluation.resources asks for {describe(bundle)}{reason}")
+    log(f"evaluating base, sft and rlhf in a Ray task with {describe(bundle)}")
+    task = ray.remote(evaluate_in_task).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                                                runtime_env=ACTOR_ENV)
+    return ray.get(task.remote(cfg, res.threads or max(1, round(res.num_cpus))))
+
+
+def evaluate_in_task(cfg: RunConfig, threads: int) -> Path:
+    torch.set_num_threads(threads)
+    return evaluate_stages(cfg, log=lambda message: print(f"[eval] {message}", flush=True))
