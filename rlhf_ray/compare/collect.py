@@ -79,8 +79,7 @@ def sample_candidates(cfg: RunConfig, prompts: list[PromptRecord], log: Log) -> 
     k, engines = settings.samples_per_prompt, settings.num_engines
     bundle = {"CPU": settings.engine.num_cpus} | (
         {"GPU": settings.engine.num_gpus} if settings.engine.num_gpus else {})
-    group = cluster.reserve(f"{engines} sampling engine(s)", [bundle] * engines, "PACK", 600.0,
-                            log=lambda m: log(m))
+    group = cluster.reserve(f"{engines} sampling engine(s)", [bundle] * engines, "PACK", 600.0, log)
     try:
         actors = [RolloutActor.options(
             num_cpus=settings.engine.num_cpus, num_gpus=settings.engine.num_gpus,
