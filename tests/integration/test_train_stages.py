@@ -155,7 +155,7 @@ def _kill_a_worker_after(metrics_path: Path, step: int, timeout: float = 120) ->
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint_losing_and_repeating_nothing(tmp_path):
-    steps = 300
+    steps = 150  # enough that the kill after step 45 lands mid-run
     killer_result: list[int] = []
     metrics_path = tmp_path / "killed" / "test" / "metrics" / "pretrain.jsonl"
     killer = threading.Thread(target=lambda: killer_result.append(_kill_a_worker_after(metrics_path, 45)))
