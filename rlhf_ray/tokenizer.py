@@ -25,7 +25,8 @@ from typing import Protocol
 import rustbpe
 import tiktoken
 
-from rlhf_ray.data.records import Message
+from rlhf_ray.data.readers import RecordError
+from rlhf_ray.data.records import Message, PromptRecord
 
 BOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -248,3 +249,19 @@ def load_tokenizer(folder: Path) -> ChatTokenizer:
     if (folder / RANKS_FILE).exists():
         return BPETokenizer.load(folder)
     return HFTokenizer(folder)
+
+
+def render_prompts(records: Sequence[PromptRecord], tokenizer: ChatTokenizer, max_new_tokens: int,
+                   max_seq_len: int, setting: str) -> list[list[int]]:
+    """Each record's prompt rendered for generation. A prompt that leaves no room in the context
+    for `max_new_tokens` (the config's `setting`) is an error naming its file and line."""
+    rendered, problems = [], []
+    for r in records:
+        ids = tokenizer.render_prompt(r.prompt)
+        if len(ids) + max_new_tokens > max_seq_len:
+            problems.append(f"{r.where}: prompt: {len(ids)} tokens + {setting} {max_new_tokens} "
+                            f"exceed the model's context of {max_seq_len}")
+        rendered.append(ids)
+    if problems:
+        raise RecordError(problems)
+    return rendered

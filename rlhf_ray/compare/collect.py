@@ -27,7 +27,7 @@ from rlhf_ray.config import CompareConfig, RunConfig
 from rlhf_ray.data.readers import read_many
 from rlhf_ray.data.records import PromptRecord
 from rlhf_ray.modeling import check_model_folder, model_max_len
-from rlhf_ray.tokenizer import load_tokenizer
+from rlhf_ray.tokenizer import load_tokenizer, render_prompts
 
 Log = Callable[[str], None]
 
@@ -70,12 +70,8 @@ def sample_candidates(cfg: RunConfig, prompts: list[PromptRecord], log: Log) -> 
     check_model_folder(sft)
     tokenizer = load_tokenizer(sft)
     max_len = model_max_len(sft)
-    encoded = [tokenizer.render_prompt(p.prompt) for p in prompts]
-    too_long = [f"{p.where}: the prompt is {len(ids)} tokens; with max_new_tokens "
-                f"{settings.max_new_tokens} it does not fit the context of {max_len}"
-                for p, ids in zip(prompts, encoded) if len(ids) + settings.max_new_tokens > max_len]
-    if too_long:
-        raise ValueError("\n".join(too_long[:5]))
+    encoded = render_prompts(prompts, tokenizer, settings.max_new_tokens, max_len,
+                             "compare.max_new_tokens")
     k, engines = settings.samples_per_prompt, settings.num_engines
     bundle = {"CPU": settings.engine.num_cpus} | (
         {"GPU": settings.engine.num_gpus} if settings.engine.num_gpus else {})

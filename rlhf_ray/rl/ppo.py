@@ -28,7 +28,7 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from rlhf_ray.config import PPOConfig, RunConfig
-from rlhf_ray.data.readers import RecordError, read_many
+from rlhf_ray.data.readers import read_many
 from rlhf_ray.data.records import PromptRecord
 from rlhf_ray.modeling import check_model_folder, model_max_len
 from rlhf_ray.rl import actors
@@ -47,7 +47,7 @@ from rlhf_ray.rl.rewards import FunctionReward, HTTPReward, contains_answer
 from rlhf_ray.rl.roles import Experience, pack_rollouts
 from rlhf_ray.rl.rollout import Rollout
 from rlhf_ray.storage import atomic_folder, write_json_atomic
-from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer
+from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer, render_prompts
 from rlhf_ray.train.loop import append_metrics, keep_metrics_before
 
 Log = Callable[[str], None]
@@ -69,16 +69,8 @@ def load_prompts(paths: list[Path], tokenizer: ChatTokenizer, max_new_tokens: in
     if not paths:
         raise ValueError(f"no {kind} prompt files: set data.{kind} (or data.demo)")
     records = read_many(paths, PromptRecord)  # an empty file is already an error there
-    prompts, problems = [], []
-    for r in records:
-        ids = tokenizer.render_prompt(r.prompt)
-        if len(ids) + max_new_tokens > max_seq_len:
-            problems.append(f"{r.where}: prompt: {len(ids)} tokens + ppo.max_new_tokens "
-                            f"{max_new_tokens} exceed the model's context of {max_seq_len}")
-        prompts.append(Prompt(ids, r.prompt[-1].content, r.ground_truth))
-    if problems:
-        raise RecordError(problems)
-    return prompts
+    rendered = render_prompts(records, tokenizer, max_new_tokens, max_seq_len, "ppo.max_new_tokens")
+    return [Prompt(ids, r.prompt[-1].content, r.ground_truth) for r, ids in zip(records, rendered)]
 
 
 def step_prompts(num_prompts: int, per_step: int, seed: int, step: int) -> list[int]:
