@@ -10,7 +10,7 @@ from collections.abc import Callable
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
-from rlhf_ray.config import ClusterConfig
+from rlhf_ray.config import ClusterConfig, RoleResources
 
 # The runtime_env of our actors and replicas. vLLM's per-request INFO lines and transformers'
 # progress bars would bury the driver's own progress lines; OpenMP threads that spin-wait after a
@@ -20,6 +20,16 @@ ACTOR_ENV = {"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_DISABLE_PROGR
                           "OMP_WAIT_POLICY": "PASSIVE"}}
 
 Bundle = dict[str, float]
+
+
+def bundle(cpus: float, gpus: float = 0.0) -> Bundle:
+    """What one actor, task or replica asks Ray for (no GPU key when it needs none)."""
+    return {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+
+
+def torch_threads(res: RoleResources) -> int:
+    """torch threads for a role: its `threads`, else its CPUs (at least one)."""
+    return res.threads if res.threads is not None else max(1, round(res.num_cpus))
 
 
 class ResourcesError(RuntimeError):

@@ -333,17 +333,17 @@ def run_evaluation(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
     where a GPU is rather than on the driver (its lines come back through Ray's log)."""
     import ray
 
-    from rlhf_ray.cluster import ACTOR_ENV, ResourcesError, connect, describe, joins_cluster, why_unplaceable
+    from rlhf_ray import cluster
 
     res = cfg.evaluation.resources
-    bundle = {"CPU": res.num_cpus} | ({"GPU": res.num_gpus} if res.num_gpus else {})
-    connect(cfg.cluster)
-    if not joins_cluster(cfg.cluster) and (reason := why_unplaceable([bundle])):
-        raise ResourcesError(f"evaluation.resources asks for {describe(bundle)}{reason}")
-    log(f"evaluating base, sft and rlhf in a Ray task with {describe(bundle)}")
+    asked = cluster.bundle(res.num_cpus, res.num_gpus)
+    cluster.connect(cfg.cluster)
+    if not cluster.joins_cluster(cfg.cluster) and (reason := cluster.why_unplaceable([asked])):
+        raise cluster.ResourcesError(f"evaluation.resources asks for {cluster.describe(asked)}{reason}")
+    log(f"evaluating base, sft and rlhf in a Ray task with {cluster.describe(asked)}")
     task = ray.remote(evaluate_in_task).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-                                                runtime_env=ACTOR_ENV)
-    return ray.get(task.remote(cfg, res.threads or max(1, round(res.num_cpus))))
+                                                runtime_env=cluster.ACTOR_ENV)
+    return ray.get(task.remote(cfg, cluster.torch_threads(res)))
 
 
 def evaluate_in_task(cfg: RunConfig, threads: int) -> Path:

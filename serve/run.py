@@ -23,7 +23,7 @@ from ray.serve.schema import (
     ServeInstanceDetails,
 )
 
-from rlhf_ray.cluster import ResourcesError, connect, describe, joins_cluster, why_unplaceable
+from rlhf_ray.cluster import ResourcesError, bundle, connect, describe, joins_cluster, why_unplaceable
 from rlhf_ray.config import RunConfig
 from serve.app import build_app, deployment_name, folder_config, read_api_key, stage_folders
 
@@ -75,8 +75,7 @@ def start(run_dir: Path, cfg: RunConfig, chat: bool = True) -> str:
     else:
         read_api_key(cfg.serve.api_key_env)
     connect(cfg.cluster)
-    replica = {"CPU": cfg.serve.cpus_per_replica} | (
-        {"GPU": cfg.serve.gpus_per_replica} if cfg.serve.gpus_per_replica else {})
+    replica = bundle(cfg.serve.cpus_per_replica, cfg.serve.gpus_per_replica)
     if chat and not joins_cluster(cfg.cluster) and (reason := why_unplaceable([replica])):
         raise ResourcesError(f"a serve replica asks for {describe(replica)}{reason}")
     client = serve_start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})

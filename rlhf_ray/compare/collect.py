@@ -73,9 +73,8 @@ def sample_candidates(cfg: RunConfig, prompts: list[PromptRecord], log: Log) -> 
     encoded = render_prompts(prompts, tokenizer, settings.max_new_tokens, max_len,
                              "compare.max_new_tokens")
     k, engines = settings.samples_per_prompt, settings.num_engines
-    bundle = {"CPU": settings.engine.num_cpus} | (
-        {"GPU": settings.engine.num_gpus} if settings.engine.num_gpus else {})
-    group = cluster.reserve(f"{engines} sampling engine(s)", [bundle] * engines, "PACK", 600.0, log)
+    engine = cluster.bundle(settings.engine.num_cpus, settings.engine.num_gpus)
+    group = cluster.reserve(f"{engines} sampling engine(s)", [engine] * engines, "PACK", 600.0, log)
     try:
         actors = [RolloutActor.options(
             num_cpus=settings.engine.num_cpus, num_gpus=settings.engine.num_gpus,

@@ -17,7 +17,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray import cluster
-from rlhf_ray.cluster import ACTOR_ENV
+from rlhf_ray.cluster import ACTOR_ENV, bundle, torch_threads
 from rlhf_ray.config import PPOConfig, RoleResources
 from rlhf_ray.rl.roles import PolicyRole, ReferenceRole, RewardModelRole, ValueRole
 from rlhf_ray.rl.rollout import RolloutActor
@@ -26,17 +26,6 @@ PolicyActor = ray.remote(PolicyRole)
 ValueActor = ray.remote(ValueRole)
 ReferenceActor = ray.remote(ReferenceRole)
 RewardActor = ray.remote(RewardModelRole)
-
-
-def threads(res: RoleResources) -> int:
-    return res.threads if res.threads is not None else max(1, round(res.num_cpus))
-
-
-def bundle(res: RoleResources, gpus_multiplier: int = 1) -> dict[str, float]:
-    b = {"CPU": res.num_cpus}
-    if res.num_gpus:
-        b["GPU"] = res.num_gpus * gpus_multiplier
-    return b
 
 
 @dataclass
@@ -65,10 +54,9 @@ def reserve(ppo: PPOConfig, roles: list[str]) -> Placement:
     bundles, index = [], {}
     for role in roles:
         index[role] = len(bundles)
-        if role.startswith("rollout"):
-            bundles.append(bundle(res.rollout, res.tensor_parallel_size))
-        else:
-            bundles.append(bundle(getattr(res, role)))
+        engine = role.startswith("rollout")  # an engine's GPUs are multiplied by its TP size
+        own: RoleResources = res.rollout if engine else getattr(res, role)
+        bundles.append(bundle(own.num_cpus, own.num_gpus * (res.tensor_parallel_size if engine else 1)))
     names = ", ".join(roles)
     group = cluster.reserve(f"PPO roles ({names})", bundles, res.placement_strategy,
                     res.placement_timeout_s, log=lambda m: print(f"[ppo] {m}", flush=True))
@@ -91,7 +79,7 @@ def start_role(placement: Placement, role: str, ppo: PPOConfig, model_dir: Path,
     res: RoleResources = getattr(ppo.resources, role)
     actor_class = {"policy": PolicyActor, "value": ValueActor, "reference": ReferenceActor,
                    "reward": RewardActor}[role]
-    kwargs: dict[str, Any] = {"precision": ppo.precision, "threads": threads(res)}
+    kwargs: dict[str, Any] = {"precision": ppo.precision, "threads": torch_threads(res)}
     if lr is not None:
         kwargs["lr"] = lr
     return actor_class.options(**placement.options(role, res)).remote(model_dir, **kwargs)
