@@ -15,7 +15,6 @@ ranking of the same prompt (409), so people ranking at once never lose or duplic
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from rlhf_ray.compare.store import AlreadyRanked, ComparisonStore, RankingError
+from serve.app import error, read_api_key
 
 PAGE = Path(__file__).with_name("rank.html")
 LABELER_ID = r"^[\w.@+-]{1,64}$"
@@ -42,29 +42,18 @@ class RankingBody(BaseModel):
     unacceptable: list[int] = Field(default_factory=list, description="Indices marked unacceptable.")
 
 
-def problem(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message}}, status_code=status)
-
-
-def key_from(env: str | None) -> str | None:
-    if env is None:
-        return None
-    if not os.environ.get(env):
-        raise ValueError(f"serve.api_key_env is {env!r}, but that environment variable is not set")
-    return os.environ[env]
-
-
 # RankingPage is pickled as it is defined (serve.ingress), so what it uses is defined above.
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 @serve.ingress(rank_api)
 class RankingPage:
     def __init__(self, folder: str, lease_s: float, api_key_env: str | None) -> None:
         self.store = ComparisonStore(Path(folder), lease_s)
-        self.api_key = key_from(api_key_env)
+        self.api_key = read_api_key(api_key_env)
 
     def refused(self, request: Request) -> JSONResponse | None:
         if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            return problem(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+            return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                         code="invalid_api_key")
         return None
 
     async def run(self, fn: Any, *args: Any) -> Any:
@@ -72,7 +61,7 @@ class RankingPage:
         try:
             return await asyncio.to_thread(fn, *args)
         except FileNotFoundError as e:
-            return problem(404, str(e))
+            return error(404, str(e))
 
     @rank_api.get("/", response_class=HTMLResponse)
     async def page(self) -> str:
@@ -87,7 +76,7 @@ class RankingPage:
         if (refused := self.refused(request)) is not None:
             return refused
         if not re.fullmatch(LABELER_ID, labeler):
-            return problem(400, f"labeler: {labeler!r} is not a labeler id (1-64 letters, digits, "
+            return error(400, f"labeler: {labeler!r} is not a labeler id (1-64 letters, digits, "
                            "or . _ @ + -; say who you are with ?labeler=your-name)")
         candidate = await self.run(self.store.next_for, labeler)
         if isinstance(candidate, JSONResponse):
@@ -108,14 +97,14 @@ class RankingPage:
         except ValidationError as e:
             first = e.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
-            return problem(400, f"{field}: {first['msg']}" if field else first["msg"])
+            return error(400, f"{field}: {first['msg']}" if field else first["msg"])
         try:
             record = await self.run(self.store.submit, body.prompt_id, body.order, body.labeler,
                                     body.unacceptable)
         except AlreadyRanked as e:
-            return problem(409, str(e))
+            return error(409, str(e))
         except RankingError as e:
-            return problem(400, str(e))
+            return error(400, str(e))
         if isinstance(record, JSONResponse):
             return record
         progress = await self.run(self.store.progress, body.labeler)
