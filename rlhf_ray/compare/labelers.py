@@ -14,7 +14,6 @@ silence.
 
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 import re
@@ -22,25 +21,14 @@ from typing import Callable
 
 from rlhf_ray.data.demo import ATTRIBUTES, fact
 from rlhf_ray.data.world import COUNTRIES
+from rlhf_ray.functions import import_function
 
 Labeler = Callable[[list[dict[str, str]], list[str], "str | None"], list[float]]
 
 
 def load_labeler(spec: str) -> Labeler:
     """'demo' or 'module:function'; refuses (naming it) what cannot be imported or called."""
-    if spec == "demo":
-        return demo_labeler
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"unknown labeler {spec!r}: use 'human', 'demo' or 'module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"labeler {spec!r}: cannot import {module_name!r} ({e})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"labeler {spec!r}: {module_name} has no function {attr!r}")
-    return fn
+    return demo_labeler if spec == "demo" else import_function(spec, "labeler")
 
 
 def ranked_by_scores(responses: list[str], scores: list[float]) -> list[str]:

@@ -5,7 +5,6 @@ the scorer fails the step with the scorer and the response named, never a silent
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import numbers
@@ -14,6 +13,8 @@ import urllib.request
 from typing import Callable, Sequence
 
 import torch
+
+from rlhf_ray.functions import import_function
 
 
 def _checked(value: object, source: str, index: int) -> float:
@@ -39,13 +40,7 @@ class FunctionReward:
     @classmethod
     def from_spec(cls, spec: str) -> FunctionReward:
         """The function named 'module:function' (PPOConfig.reward_function)."""
-        module_name, _, attr = spec.partition(":")
-        if not module_name or not attr:
-            raise ValueError(f"reward function {spec!r}: expected 'module:function'")
-        fn = getattr(importlib.import_module(module_name), attr, None)
-        if not callable(fn):
-            raise ValueError(f"reward function {spec!r}: {module_name} has no function {attr!r}")
-        return cls(fn)
+        return cls(import_function(spec, "reward function"))
 
     def score(self, texts: Sequence[str], ground_truths: Sequence[str | None] | None = None,
               prompts: Sequence[str] | None = None) -> torch.Tensor:
