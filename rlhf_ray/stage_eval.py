@@ -24,6 +24,7 @@ from rlhf_ray.pipeline import data_files
 from rlhf_ray.storage import write_json_atomic, write_text_atomic
 from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer
 from rlhf_ray.train.stages import base_dir
+from rlhf_ray.train.tasks import pad
 
 MAX_NEW_TOKENS = 48
 SHOTS = (0, 1, 3, 5)
@@ -101,13 +102,11 @@ def has_model(folder: Path) -> bool:
     return (folder / "config.json").is_file()
 
 
-def right_padded(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
-                 ) -> dict[str, torch.Tensor]:
-    """A forward pass's inputs: real tokens keep positions 0..n-1, the padding is masked out."""
-    width = max(map(len, rows))
-    return {"input_ids": torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device),
-            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows],
-                                           device=device)}
+def right_padded(rows: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A forward pass's inputs on `device`: real tokens keep positions 0..n-1, the padding is
+    masked out (the training stages' padding)."""
+    ids, attention = pad(rows, pad_id)
+    return {"input_ids": ids.to(device), "attention_mask": attention.to(device)}
 
 
 def on_device(model: PreTrainedModel) -> PreTrainedModel:
