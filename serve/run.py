@@ -24,6 +24,7 @@ from ray.serve.schema import (
 )
 
 from rlhf_ray.cluster import ResourcesError, bundle, connect, describe, joins_cluster, why_unplaceable
+from rlhf_ray.compare.store import ComparisonStore
 from rlhf_ray.config import RunConfig
 from serve.app import build_app, deployment_name, folder_config, read_api_key, stage_folders
 
@@ -35,7 +36,7 @@ def deploy_config(run_dir: Path, cfg: RunConfig, chat: bool = True) -> ServeDepl
     """Serve's own config for this run: what `serve deploy` would be given. It holds the chat
     app (unless `chat` is False) and, when the run has comparisons to rank, the ranking page."""
     apps = [chat_app(run_dir, cfg)] if chat else []
-    if (run_dir / "compare" / "candidates.jsonl").is_file():
+    if ComparisonStore(run_dir / "compare").has_candidates():
         apps.append(ServeApplicationSchema(
             name=RANK_APP, route_prefix="/rank", import_path="serve.rank:app_builder",
             args={"folder": str((run_dir / "compare").resolve()),
