@@ -92,7 +92,6 @@ def ppo_config(runs_dir: Path, args: argparse.Namespace) -> RunConfig:
         f"ppo.mini_batch_size={args.group * args.prompts}", "ppo.ppo_epochs=1", "ppo.kl_coef=0.02",
         "ppo.reward_source=function", "ppo.reward_function=bench.ppo_loop:length_reward",
         "ppo.old_logprobs=rollout", "ppo.temperature=1.0", "ppo.top_p=1.0",
-        "ppo.vllm_memory_fraction=0.05",  # ~1 GB of KV cache per engine: plenty, and the box is shared
         f"ppo.resources.policy.threads={args.threads}", f"ppo.resources.reference.threads={args.threads}"])
 
 
@@ -117,6 +116,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from rlhf_ray.rl.ppo import PPOTrainer
+    from rlhf_ray.memory import rollout_sequences
     from rlhf_ray.rl.rollout import RolloutEngine
 
     load_before, started = os.getloadavg(), time.perf_counter()
@@ -127,7 +127,8 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False)
         trainer = PPOTrainer(cfg, [cfg.run_dir / "prompts.jsonl"], [], log=print)
         engine = RolloutEngine(model_dir, max_model_len=trainer.max_len,
-                               memory_fraction=ppo.vllm_memory_fraction, seed=0, dtype=ppo.rollout_dtype)
+                               sequences=rollout_sequences(ppo), kv_cache=ppo.kv_cache, seed=0,
+                               dtype=ppo.rollout_dtype)
         batch = [p.ids for p in trainer.prompts for _ in range(ppo.samples_per_prompt)]
 
         generators: dict[str, Callable[[int], list]] = {  # same prompt ids, a new seed each call

@@ -44,9 +44,9 @@ sys.path.insert(0, str(REPO))
 
 from bench.ppo_loop import make_model_and_prompts  # noqa: E402
 from rlhf_ray.config import load_config, save_config  # noqa: E402
+from rlhf_ray.memory import vllm_memory_args  # noqa: E402
 from rlhf_ray.modeling import count_parameters, load_policy  # noqa: E402
 
-MEMORY_FRACTION = 0.1
 ENV = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "OMP_WAIT_POLICY": "PASSIVE",
        "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
 
@@ -61,7 +61,7 @@ def make_run(root: Path) -> Path:
     cfg = load_config(REPO / "configs" / "test.yaml", [
         f"runs_dir={root}", "name=run", "model.hidden_size=256", "model.num_layers=4",
         "model.num_heads=4", "model.num_kv_heads=4", "model.intermediate_size=768",
-        "model.max_seq_len=512", "serve.stages=[sft]", f"serve.vllm_memory_fraction={MEMORY_FRACTION}",
+        "model.max_seq_len=512", "serve.stages=[sft]",
         "serve.cpus_per_replica=1", "serve.max_ongoing_requests=64", "serve.max_queued_requests=-1"])
     make_model_and_prompts(cfg, num_prompts=1)
     save_config(cfg, cfg.run_dir / "config.yaml")
@@ -80,9 +80,17 @@ def start_vllm(run: Path, port: int) -> subprocess.Popen:
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(run / "sft"),
          "--served-model-name", "sft", "--port", str(port), "--dtype", "float32",
          "--max-model-len", "512", "--enforce-eager",
-         "--gpu-memory-utilization", str(MEMORY_FRACTION)],
+         # the same KV cache and batch limit as our replica (rlhf_ray/memory.py sizes both)
+         *engine_memory_flags(run)],
         env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
+
+
+def engine_memory_flags(run: Path) -> list[str]:
+    cfg = load_config(run / "config.yaml")
+    memory = vllm_memory_args(run / "sft", cfg.serve.kv_cache, cfg.serve.max_ongoing_requests, "float32")
+    return ["--kv-cache-memory-bytes", str(memory["kv_cache_memory_bytes"]),
+            "--max-num-seqs", str(memory["max_num_seqs"])]
 
 
 def wait_ready(url: str, server: subprocess.Popen, timeout_s: float = 600) -> None:

@@ -214,6 +214,54 @@ class RewardConfig(TrainStage):
     """batch_size and micro_batch_size count comparisons; all pairs of one go in the same batch."""
 
 
+class KVCacheConfig(Section):
+    """The KV cache a vLLM engine reserves. By default exactly what its concurrent sequences need:
+    sequences x context (in whole blocks of 128 tokens) x layers x 2 (K and V) x KV heads x head
+    size x dtype bytes, times `headroom`, asked of vLLM as `kv_cache_memory_bytes` on a CPU and a
+    GPU alike. Set at most one of `tokens`, `bytes`, `memory_fraction`."""
+
+    tokens: int | None = Field(
+        None, ge=1, description="Size the cache for this many tokens instead (rounded up to whole "
+        "blocks, and at least one full context).",
+    )
+    bytes: int | None = Field(None, ge=1, description="Reserve exactly this many bytes.")
+    memory_fraction: float | None = Field(
+        None, gt=0, lt=1, description="Explicit override: vLLM's gpu_memory_utilization. On a "
+        "GPU the share of its memory for the engine; on a CPU the share of the NUMA node's memory "
+        "minus what the worker already holds, which differs from machine to machine (and can be "
+        "negative): prefer tokens or bytes there.",
+    )
+    headroom: float = Field(
+        1.2, ge=1, le=4, description="Multiplies the computed size, so a full batch never waits "
+        "for a block (not applied to tokens or bytes).",
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> KVCacheConfig:
+        chosen = [k for k in ("tokens", "bytes", "memory_fraction") if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"set at most one of tokens, bytes, memory_fraction (got {', '.join(chosen)})")
+        return self
+
+
+def _kv_cache(what: str) -> Any:
+    return Field(default_factory=KVCacheConfig, description=f"KV cache of {what} (sized from "
+                 "what it holds at once; see KVCacheConfig).")
+
+
+class _NoFraction(Section):
+    """Sections that once took `vllm_memory_fraction` say where it went."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "vllm_memory_fraction" in data:
+            raise ValueError("vllm_memory_fraction is gone: the KV cache is now sized from what the "
+                             "engine holds at once; to keep a fraction set kv_cache.memory_fraction "
+                             "instead (or kv_cache.tokens / kv_cache.bytes)")
+        return data
+
+
 class RoleResources(Section):
     """What one PPO actor reserves on the Ray cluster."""
 
@@ -261,7 +309,7 @@ class PPOResources(Section):
         return self
 
 
-class PPOConfig(Section):
+class PPOConfig(_NoFraction):
     """PPO against the reward model (defaults close to OpenRLHF's)."""
 
     steps: int = Field(20, ge=1, description="Rollout + update rounds.")
@@ -301,11 +349,8 @@ class PPOConfig(Section):
     )
     reward_url: str | None = Field(None, description="Scorer URL when reward_source is 'http'.")
     num_rollout_engines: int = Field(1, ge=1, description="vLLM engines generating in parallel.")
-    vllm_memory_fraction: float = Field(
-        0.2, gt=0, lt=1,
-        description="vLLM's gpu_memory_utilization: on a CPU, the share of the NUMA node's memory "
-        "kept for the KV cache (0.2 works on an 8 GB node; 0.92 fails).",
-    )
+    kv_cache: KVCacheConfig = _kv_cache("each rollout engine: its share of "
+                                        "prompts_per_step x samples_per_prompt (or of the eval prompts)")
     eval_every: int = Field(5, ge=1, description="Evaluate on held-out prompts every N steps.")
     eval_max_prompts: int = Field(
         128, ge=1, description="Evaluate on at most this many held-out prompts (greedy replies)."
@@ -350,7 +395,7 @@ class PPOConfig(Section):
         return self
 
 
-class CompareConfig(Section):
+class CompareConfig(_NoFraction):
     """Comparisons for the reward model: K samples of the SFT model per prompt, ranked best first
     by a person (the ranking page) or by a labeler function. The rankings are reward data."""
 
@@ -375,9 +420,7 @@ class CompareConfig(Section):
         default_factory=lambda: RoleResources(num_cpus=1.0),
         description="Ray resources of each engine (threads: vLLM picks its own).",
     )
-    vllm_memory_fraction: float = Field(
-        0.1, gt=0, lt=1, description="vLLM's gpu_memory_utilization per engine (see ppo).",
-    )
+    kv_cache: KVCacheConfig = _kv_cache("each sampling engine: up to 256 sequences at once")
     lease_s: float = Field(
         600.0, gt=0, description="A prompt shown to one person is not shown to another for this "
         "long (so two people never rank the same prompt), unless it comes back unranked.",
@@ -411,7 +454,7 @@ class EvalConfig(Section):
 # --------------------------------------------------------------------------- serving and cluster
 
 
-class ServeConfig(Section):
+class ServeConfig(_NoFraction):
     host: str = Field("127.0.0.1", description="HTTP address.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     stages: list[Literal["base", "sft", "rlhf", "reward"]] = Field(
@@ -452,11 +495,8 @@ class ServeConfig(Section):
         120.0, gt=0, description="How long a replica being replaced or scaled down may finish its "
         "in-flight requests before it is stopped.",
     )
-    vllm_memory_fraction: float = Field(
-        0.1, gt=0, lt=1, description="vLLM gpu_memory_utilization per replica (on a CPU: the "
-        "share of the NUMA node's memory for the worker, KV cache included; every replica of "
-        "every stage takes its own).",
-    )
+    kv_cache: KVCacheConfig = _kv_cache("each replica: max_ongoing_requests full-context "
+                                        "sequences")
 
 
 class ClusterConfig(Section):

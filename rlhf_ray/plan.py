@@ -19,34 +19,31 @@ GB is 1e9 bytes.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_ray.config import RunConfig, TrainStage
+from rlhf_ray.config import KVCacheConfig, RunConfig, TrainStage
+from rlhf_ray.memory import (
+    GB,
+    ModelShape,
+    count_params,
+    ENGINE_PROCESS_BYTES,
+    MAX_ENGINE_SEQUENCES,
+    ROLE_PROCESS_BYTES,
+    check_machine_fits,
+    engine_sequences,
+    kv_bytes_per_token,
+    kv_cache_bytes,
+    rollout_sequences,
+    shape_from_folder,
+)
 from rlhf_ray.tokenizer import load_tokenizer
-
-GB = 1e9
 CHAT_STAGES = ("base", "sft", "rlhf")  # serve/app.py: the stages vLLM replicas serve
 
 
 class PlanError(ValueError):
     """The plan cannot be made; the message names the setting or file at fault."""
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    max_seq_len: int  # the model folder's context (max_position_embeddings)
-    tied: bool  # lm_head shares the input embedding
-    qkv_bias: bool = False  # Qwen2's biases on the q/k/v projections
 
 
 @dataclass
@@ -63,6 +60,8 @@ class RoleMemory:
     budget: float | None = None  # what this role may use of each GPU
     fits: bool | None = None
     note: str = ""  # the smallest change that makes it fit, or a caveat
+    count: int = 1  # how many of these actors the stage starts
+    engine: bool = False  # a vLLM engine (its own processes), else a torch role
 
     @property
     def total(self) -> float:
@@ -108,37 +107,13 @@ def model_shape(cfg: RunConfig) -> ModelShape:
 
 
 def _shape_from_folder(folder: Path) -> ModelShape:
-    path = folder / "config.json"
     if not folder.is_dir():
         raise PlanError(f"model.pretrained: {folder} not found on this machine; plan with explicit "
                         "sizes: --set model.pretrained=null model.hidden_size=... tokenizer.vocab_size=...")
-    if not path.is_file():
-        raise PlanError(f"model.pretrained: {path} not found (not a Hugging Face model folder)")
-    c = json.loads(path.read_text())
     try:
-        heads, hidden = c["num_attention_heads"], c["hidden_size"]
-        return ModelShape(c["num_hidden_layers"], hidden, heads, c.get("num_key_value_heads") or heads,
-                          c.get("head_dim") or hidden // heads, c["intermediate_size"], c["vocab_size"],
-                          c["max_position_embeddings"], bool(c.get("tie_word_embeddings", False)),
-                          c.get("model_type") == "qwen2" or bool(c.get("attention_bias", False)))
-    except KeyError as e:
-        raise PlanError(f"{path}: no {e.args[0]!r} (a Llama/Qwen config.json has it)") from None
-
-
-def count_params(s: ModelShape, scalar_head: bool = False) -> int:
-    """The Llama causal LM's parameters; with `scalar_head` the reward/value model's
-    (LlamaForSequenceClassification: no lm_head, a bias-free hidden -> 1 score)."""
-    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    attention = s.hidden * (q + 2 * kv) + q * s.hidden + (q + 2 * kv) * s.qkv_bias
-    mlp = 3 * s.hidden * s.intermediate  # gate, up, down
-    layer = attention + mlp + 2 * s.hidden  # + two RMSNorm weights
-    embedding = s.vocab * s.hidden
-    head = s.hidden if scalar_head else (0 if s.tied else embedding)
-    return embedding + s.layers * layer + s.hidden + head  # + the final norm
-
-
-def kv_bytes_per_token(s: ModelShape, dtype_bytes: int) -> int:
-    return 2 * s.layers * s.kv_heads * s.head_dim * dtype_bytes
+        return shape_from_folder(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise PlanError(f"model.pretrained: {e}") from None
 
 
 def activation_bytes(s: ModelShape, tokens: int, bf16: bool, logits: int | None) -> int:
@@ -214,8 +189,8 @@ def ppo_stage(cfg: RunConfig, s: ModelShape, gpu: float, prompt_tokens: int | No
     tp, engines, rollout = res.tensor_parallel_size, ppo.num_rollout_engines, res.rollout
     dtype = 2 if ppo.rollout_dtype == "bfloat16" or (ppo.rollout_dtype == "auto" and rollout.num_gpus) else 4
     roles = [_vllm("rollout", f"{engines} x {_bundle(rollout.num_cpus, rollout.num_gpus * tp)} tp {tp}",
-                   bool(rollout.num_gpus), s, lm, dtype, math.ceil(batch / engines), seq, gpu,
-                   ppo.vllm_memory_fraction, "ppo", tp)]
+                   rollout.num_gpus, s, lm, dtype, rollout_sequences(ppo), gpu, ppo.kv_cache, "ppo",
+                   "ppo.prompts_per_step / eval_max_prompts", tp, engines)]
 
     def role(name: str, params: int, logits: int | None, trained: bool) -> RoleMemory:
         r = getattr(res, name)
@@ -246,30 +221,41 @@ def ppo_stage(cfg: RunConfig, s: ModelShape, gpu: float, prompt_tokens: int | No
     return StagePlan("ppo", roles, gpus_for(bundles), cpus, seq, res.placement_strategy)
 
 
-def _vllm(role: str, placement: str, on_gpu: bool, s: ModelShape, params: int, dtype: int, seqs: int,
-          seq: int, gpu: float, fraction: float, section: str, tp: int | None = None) -> RoleMemory:
-    """A vLLM engine: its 1/tp of the weights and of the KV cache of `seqs` sequences of `seq`
-    tokens at once. It must hold one whole sequence; holding fewer than all, the rest wait."""
-    n = tp if on_gpu and tp else 1
-    weights, seq_kv = params * dtype, kv_bytes_per_token(s, dtype) * seq
-    r = RoleMemory(role, placement, weights / n, kv_cache=seq_kv * seqs / n)
-    if not on_gpu:
+def _vllm(role: str, placement: str, gpus: float, s: ModelShape, params: int, dtype: int, seqs: int,
+          gpu: float, kv: KVCacheConfig, section: str, knob: str, tp: int | None = None,
+          count: int = 1) -> RoleMemory:
+    """A vLLM engine (on `gpus` GPUs each, 0 on a CPU): its 1/tp of the weights and of the KV
+    cache it asks for (memory.kv_cache_bytes: `seqs` full-context sequences at once, at most
+    vLLM's batch). With kv.memory_fraction the engine takes that share of the GPU instead."""
+    n = tp if gpus and tp else 1
+    at_once = engine_sequences(seqs)
+    weights, seq_kv = params * dtype, kv_bytes_per_token(s, dtype) * s.max_seq_len
+    fraction = kv.memory_fraction
+    cache = seq_kv * at_once if fraction is not None else kv_cache_bytes(s, dtype, at_once, s.max_seq_len, kv)
+    r = RoleMemory(role, placement, weights / n, kv_cache=cache / n, count=count, engine=True)
+    if not gpus:
         return r
-    r.budget = gpu * fraction  # vLLM's gpu_memory_utilization
+    r.budget = gpu * (fraction if fraction is not None else min(gpus, 1))
     r.fits = (weights + seq_kv) / n <= r.budget
     if r.total <= r.budget:
         return r
-    want = weights + seq_kv * (seqs if r.fits else 1)  # every sequence at once, or the first
-    needed = math.ceil(100 * want / n / gpu) / 100  # of the GPU
-    fixes = [f"{section}.vllm_memory_fraction >= {needed:g}"] * (needed <= 0.95)
+    want = weights + (cache if r.fits else seq_kv)  # every sequence at once, or the first
     tp_min = math.ceil(want / r.budget)  # rounded up to a divisor of the heads, as vLLM needs
     tp_min = next((t for t in range(tp_min, s.heads + 1) if s.heads % t == 0), tp_min)
-    fixes += [f"{section}.resources.tensor_parallel_size >= {tp_min}"] * (tp is not None)
-    room = int((r.budget - r.weights) // (seq_kv / n))
-    r.note = (f"KV cache holds ~{room} of {seqs} sequences at once (the rest wait); for all: " if r.fits
-              else f"weights + one {seq}-token sequence exceed {r.budget / GB:.1f} GB: ")
-    r.note += " or ".join(fixes) or (f"lower {section}.max_ongoing_requests" if r.fits
-                                     else f"no {gpu / GB:g} GB GPU holds it (no tensor parallelism)")
+    fixes = [f"{section}.resources.tensor_parallel_size >= {tp_min}"] * (tp is not None)
+    if fraction is not None:
+        needed = math.ceil(100 * want / n / gpu) / 100  # of the GPU
+        fixes = [f"{section}.kv_cache.memory_fraction >= {needed:g}"] * (needed <= 0.95) + fixes
+    elif r.fits:
+        fixes = [f"lower {knob}", f"{section}.kv_cache.tokens <= "
+                 f"{int((r.budget - r.weights) * n // kv_bytes_per_token(s, dtype))}"] + fixes
+    if r.fits:
+        room = int((r.budget - r.weights) // (seq_kv / n))
+        r.fits = fraction is not None  # an explicit cache larger than the GPU does not start
+        r.note = f"KV cache holds ~{room} of {at_once} sequences at once: "
+    else:
+        r.note = f"weights + one {s.max_seq_len}-token sequence exceed {r.budget / GB:.1f} GB: "
+    r.note += " or ".join(fixes) or f"no {gpu / GB:g} GB GPU holds it (no tensor parallelism)"
     return r
 
 
@@ -281,14 +267,29 @@ def serve_stage(cfg: RunConfig, s: ModelShape, gpu: float) -> StagePlan:
             and not (st == "base" and cfg.model.pretrained and "base" not in sv.folders)]
     on_gpu, replicas = bool(sv.gpus_per_replica), len(chat) * sv.max_replicas
     bundle = f"{replicas} x {_bundle(sv.cpus_per_replica, sv.gpus_per_replica)}"
-    roles = [_vllm(f"{'/'.join(chat)} replica", bundle, on_gpu, s, count_params(s), 2 if on_gpu else 4,
-                   sv.max_ongoing_requests, s.max_seq_len, gpu, sv.vllm_memory_fraction, "serve")
+    roles = [_vllm(f"{'/'.join(chat)} replica", bundle, sv.gpus_per_replica, s, count_params(s),
+                   2 if on_gpu else 4, sv.max_ongoing_requests, gpu, sv.kv_cache, "serve",
+                   "serve.max_ongoing_requests", count=replicas)
              ] if chat else []
     if "reward" in sv.stages:
         roles.append(RoleMemory("reward replica", f"1 x {_bundle(sv.cpus_per_replica, 0)}",
                                 4 * count_params(s, scalar_head=True)))
     cpus = sv.cpus_per_replica * (replicas + ("reward" in sv.stages))
     return StagePlan("serve", roles, gpus_for([sv.gpus_per_replica] * replicas), cpus, s.max_seq_len)
+
+
+def compare_stage(cfg: RunConfig, s: ModelShape, gpu: float) -> StagePlan:
+    """compare/collect.py: `num_engines` vLLM engines sampling from sft/ (float32 on a CPU)."""
+    c = cfg.compare
+    assert c is not None
+    res, on_gpu = c.engine, bool(c.engine.num_gpus)
+    prompts = c.max_prompts or MAX_ENGINE_SEQUENCES  # the prompt files are not read here
+    engine = _vllm("sampling engine", f"{c.num_engines} x {_bundle(res.num_cpus, res.num_gpus)}",
+                   res.num_gpus, s, count_params(s), 2 if on_gpu else 4,
+                   math.ceil(prompts * c.samples_per_prompt / c.num_engines), gpu, c.kv_cache,
+                   "compare", "compare.num_engines", count=c.num_engines)
+    return StagePlan("compare", [engine], gpus_for([res.num_gpus] * c.num_engines),
+                     res.num_cpus * c.num_engines, s.max_seq_len)
 
 
 def gpus_for(bundles: list[float]) -> int:
@@ -317,8 +318,31 @@ def plan_run(cfg: RunConfig, gpu_memory_gb: float = 80.0, prompt_tokens: int | N
     stages += [train_stage("sft", cfg.sft, s, lm, cfg.model.max_seq_len, gpu),
                train_stage("reward", cfg.reward, s, scalar, cfg.model.max_seq_len, gpu, 2, None),
                ppo_stage(cfg, s, gpu, prompt_tokens)]
+    if cfg.compare is not None:  # pipeline.py: between SFT and the reward model
+        stages.insert(-2, compare_stage(cfg, s, gpu))
     serve = serve_stage(cfg, s, gpu)
     return Plan(s, lm, gpu_memory_gb, stages + [serve], max(st.gpus for st in stages), serve.gpus)
+
+
+def check_fits_here(cfg: RunConfig, stage: str, model_dir: Path) -> None:
+    """Before `stage` ('ppo', 'compare' or 'serve') starts its engines and roles on this machine
+    (the embedded local Ray): each role's host memory in the plan, with its processes, against
+    what the machine has. Roles on GPUs are left to the GPU budget the plan checks."""
+    s = shape_from_folder(model_dir)
+    plans = {"ppo": lambda: ppo_stage(cfg, s, 80 * GB, None),
+             "compare": lambda: compare_stage(cfg, s, 80 * GB),
+             "serve": lambda: serve_stage(cfg, s, 80 * GB)}
+    needs: dict[str, float] = {}
+    kv: dict[str, int] = {}
+    for r in plans[stage]().roles:
+        if r.budget is not None:
+            continue
+        name = f"{r.count} x {r.role}" if r.count > 1 else r.role
+        process = ENGINE_PROCESS_BYTES if r.engine else ROLE_PROCESS_BYTES
+        needs[name] = r.count * (r.total + process)
+        if r.engine:
+            kv[name] = int(r.count * r.kv_cache)
+    check_machine_fits(f"the {stage} stage", needs, kv)
 
 
 # --------------------------------------------------------------------------- the report

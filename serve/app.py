@@ -31,7 +31,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from rlhf_ray.cluster import ACTOR_ENV
-from rlhf_ray.config import ServeConfig
+from rlhf_ray.config import KVCacheConfig, ServeConfig
 from serve.protocol import (
     Body,
     ChatCompletionRequest,
@@ -104,9 +104,10 @@ class StageModel:
     and the old one finishes its in-flight requests (up to `drain_s`) before it shuts down.
     """
 
-    def __init__(self, stage: str, memory_fraction: float, drain_s: float,
+    def __init__(self, stage: str, sequences: int, kv_cache: dict[str, Any], drain_s: float,
                  stream_interval_s: float) -> None:
-        self.stage, self.memory_fraction, self.drain_s = stage, memory_fraction, drain_s
+        self.stage, self.sequences, self.drain_s = stage, sequences, drain_s
+        self.kv_cache = KVCacheConfig.model_validate(kv_cache)
         self.stream_interval_s = stream_interval_s
         self.engine: Any = None
         self.folder_key: tuple | None = None
@@ -120,7 +121,7 @@ class StageModel:
         if key == self.folder_key:
             return
         new = await asyncio.to_thread(StageEngine, self.stage, Path(config["folder"]),
-                                      self.memory_fraction)
+                                      self.sequences, self.kv_cache)
         old, self.engine, self.folder_key = self.engine, new, key
         if old is not None:
             self.reloads += 1
@@ -401,7 +402,8 @@ def build_app(run_dir: Path, cfg: ServeConfig, stages: list[str] | None = None) 
             graceful_shutdown_timeout_s=cfg.drain_timeout_s,
             autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
                                 "target_ongoing_requests": cfg.target_ongoing_requests},
-        ).bind(stage, cfg.vllm_memory_fraction, cfg.drain_timeout_s, cfg.stream_interval_ms / 1000)
+        ).bind(stage, cfg.max_ongoing_requests, cfg.kv_cache.model_dump(), cfg.drain_timeout_s,
+               cfg.stream_interval_ms / 1000)
         for stage, folder in folders.items() if stage in CHAT_STAGES
     }
     reward = None

@@ -19,7 +19,9 @@ from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from rlhf_ray.config import KVCacheConfig
 from rlhf_ray.data.records import Message
+from rlhf_ray.memory import check_kv_fits, vllm_memory_args
 from rlhf_ray.modeling import model_max_len
 from rlhf_ray.tokenizer import load_tokenizer
 from serve.protocol import ChatCompletionRequest, CompletionRequest, Delta, SamplingFields
@@ -34,15 +36,21 @@ class RequestError(ValueError):
 
 
 class StageEngine:
-    def __init__(self, stage: str, folder: Path, memory_fraction: float = 0.1) -> None:
+    def __init__(self, stage: str, folder: Path, sequences: int,
+                 kv_cache: KVCacheConfig | None = None) -> None:
+        """`sequences`: what the replica works on at once (serve.max_ongoing_requests), each up
+        to the model's context; the KV cache is sized for them (rlhf_ray/memory.py)."""
         self.stage, self.folder = stage, Path(folder)
         self.tokenizer = load_tokenizer(self.folder)
         self.max_len = model_max_len(self.folder)
         # bf16 on GPUs; float32 on a CPU, where the evaluation in metrics/eval.json ran too.
         dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        memory = vllm_memory_args(self.folder, kv_cache or KVCacheConfig(), sequences, dtype)
+        if "kv_cache_memory_bytes" in memory and not torch.cuda.is_available():
+            check_kv_fits(f"serve replica of {stage!r}", int(memory["kv_cache_memory_bytes"]))
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=str(self.folder), dtype=dtype, max_model_len=self.max_len, enforce_eager=True,
-            gpu_memory_utilization=memory_fraction))
+            **memory))
         self.aborted = 0  # requests stopped before their end (their client went away)
 
     @property

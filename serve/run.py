@@ -26,7 +26,8 @@ from ray.serve.schema import (
 from rlhf_ray.cluster import ResourcesError, bundle, connect, describe, joins_cluster, why_unplaceable
 from rlhf_ray.compare.store import ComparisonStore
 from rlhf_ray.config import RunConfig
-from serve.app import build_app, deployment_name, folder_config, read_api_key, stage_folders
+from rlhf_ray.plan import check_fits_here
+from serve.app import CHAT_STAGES, build_app, deployment_name, folder_config, read_api_key, stage_folders
 
 APP_NAME = "rlhf-ray"
 RANK_APP = "rlhf-ray-rank"
@@ -77,8 +78,11 @@ def start(run_dir: Path, cfg: RunConfig, chat: bool = True) -> str:
         read_api_key(cfg.serve.api_key_env)
     connect(cfg.cluster)
     replica = bundle(cfg.serve.cpus_per_replica, cfg.serve.gpus_per_replica)
-    if chat and not joins_cluster(cfg.cluster) and (reason := why_unplaceable([replica])):
-        raise ResourcesError(f"a serve replica asks for {describe(replica)}{reason}")
+    if chat and not joins_cluster(cfg.cluster):
+        if reason := why_unplaceable([replica]):
+            raise ResourcesError(f"a serve replica asks for {describe(replica)}{reason}")
+        chat_folders = [f for st, f in stage_folders(run_dir, cfg.serve).items() if st in CHAT_STAGES]
+        check_fits_here(cfg, "serve", chat_folders[0])
     client = serve_start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     config = deploy_config(run_dir, cfg, chat)
     if not config.applications:

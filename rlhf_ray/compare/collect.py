@@ -27,6 +27,7 @@ from rlhf_ray.config import CompareConfig, RunConfig
 from rlhf_ray.data.readers import read_many
 from rlhf_ray.data.records import PromptRecord
 from rlhf_ray.modeling import check_model_folder, model_max_len
+from rlhf_ray.plan import check_fits_here
 from rlhf_ray.tokenizer import load_tokenizer, render_prompts
 
 Log = Callable[[str], None]
@@ -73,7 +74,13 @@ def sample_candidates(cfg: RunConfig, prompts: list[PromptRecord], log: Log) -> 
     encoded = render_prompts(prompts, tokenizer, settings.max_new_tokens, max_len,
                              "compare.max_new_tokens")
     k, engines = settings.samples_per_prompt, settings.num_engines
+    if not cluster.joins_cluster(cfg.cluster):
+        check_fits_here(cfg, "compare", sft)
     engine = cluster.bundle(settings.engine.num_cpus, settings.engine.num_gpus)
+    # Each prompt K times, dealt round-robin over the engines; sample j of prompt i has seed
+    # cfg.seed + i*K + j, so the draw does not depend on the number of engines.
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(k)]
+    shares = [jobs[e::engines] for e in range(engines)]
     group = cluster.reserve(f"{engines} sampling engine(s)", [engine] * engines, "PACK", 600.0, log)
     try:
         actors = [RolloutActor.options(
@@ -81,12 +88,8 @@ def sample_candidates(cfg: RunConfig, prompts: list[PromptRecord], log: Log) -> 
             runtime_env=ACTOR_ENV,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_bundle_index=i),
-        ).remote(sft, max_model_len=max_len, memory_fraction=settings.vllm_memory_fraction,
-                 seed=cfg.seed) for i in range(engines)]
-        # Each prompt K times, dealt round-robin over the engines; sample j of prompt i has seed
-        # cfg.seed + i*K + j, so the draw does not depend on the number of engines.
-        jobs = [(i, j) for i in range(len(prompts)) for j in range(k)]
-        shares = [jobs[e::engines] for e in range(engines)]
+        ).remote(sft, max_model_len=max_len, sequences=len(shares[i]), kv_cache=settings.kv_cache,
+                 seed=cfg.seed, role=f"sampling engine {i}") for i in range(engines)]
         futures = [actor.generate.remote(
             [encoded[i] for i, _ in share], settings.max_new_tokens, settings.temperature,
             settings.top_p, expected_version=0, seeds=[cfg.seed + i * k + j for i, j in share])

@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rlhf_ray import cluster
 from rlhf_ray.cluster import ACTOR_ENV, bundle, torch_threads
 from rlhf_ray.config import PPOConfig, RoleResources
+from rlhf_ray.memory import rollout_sequences
 from rlhf_ray.rl.roles import PolicyRole, ReferenceRole, RewardModelRole, ValueRole
 from rlhf_ray.rl.rollout import RolloutActor
 
@@ -69,8 +70,8 @@ def start_rollout(placement: Placement, role: str, ppo: PPOConfig, model_dir: Pa
     options = placement.options(role, res)
     options["num_gpus"] = res.num_gpus * ppo.resources.tensor_parallel_size
     return RolloutActor.options(**options).remote(
-        model_dir, max_model_len=max_model_len, memory_fraction=ppo.vllm_memory_fraction,
-        seed=seed, dtype=ppo.rollout_dtype, tensor_parallel_size=ppo.resources.tensor_parallel_size,
+        model_dir, max_model_len=max_model_len, sequences=rollout_sequences(ppo),
+        kv_cache=ppo.kv_cache, role=f"PPO {role}", seed=seed, dtype=ppo.rollout_dtype, tensor_parallel_size=ppo.resources.tensor_parallel_size,
         weight_version=version)
 
 

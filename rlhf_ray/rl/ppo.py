@@ -27,10 +27,12 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from rlhf_ray.cluster import joins_cluster
 from rlhf_ray.config import PPOConfig, RunConfig
 from rlhf_ray.data.readers import read_many
 from rlhf_ray.data.records import PromptRecord
 from rlhf_ray.modeling import check_model_folder, model_max_len
+from rlhf_ray.plan import check_fits_here
 from rlhf_ray.rl import actors
 from rlhf_ray.rl.algorithms import (
     KLController,
@@ -165,6 +167,8 @@ class PPOTrainer:
         roles += ["value"] * self.uses_value + ["reward"] * (ppo.reward_source == "model")
         if not ray.is_initialized():
             raise RuntimeError("PPOTrainer needs a connected Ray (rlhf_ray.cluster.connect)")
+        if not joins_cluster(cfg.cluster):  # every role on this machine: refuse what cannot fit
+            check_fits_here(cfg, "ppo", self.sft_dir)
         self.placement = actors.reserve(ppo, roles)
         self.engines: list[Any] = []
         self.policy = self.reference = self.value = self.reward_model = None

@@ -25,6 +25,8 @@ from safetensors.torch import save
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
+from rlhf_ray.config import KVCacheConfig
+from rlhf_ray.memory import check_kv_fits, vllm_memory_args
 from rlhf_ray.tokenizer import load_tokenizer
 
 EXTENSION = "rlhf_ray.rl.vllm_extension.WeightSyncExtension"
@@ -48,17 +50,21 @@ class StaleWeightsError(RuntimeError):
 class RolloutEngine:
     """A vLLM engine on the policy folder whose weights the trainer replaces between updates."""
 
-    def __init__(self, model_dir: Path, max_model_len: int, memory_fraction: float = 0.1,
-                 seed: int = 0, dtype: str = "float32", tensor_parallel_size: int = 1,
-                 weight_version: int = 0) -> None:
-        # memory_fraction is vLLM's gpu_memory_utilization: on the CPU build the fraction of the
-        # NUMA node's memory reserved for the KV cache. Tensor parallelism runs vLLM's own worker
-        # processes over the GPUs Ray gave this engine (one node).
+    def __init__(self, model_dir: Path, max_model_len: int, sequences: int,
+                 kv_cache: KVCacheConfig | None = None, seed: int = 0, dtype: str = "float32",
+                 tensor_parallel_size: int = 1, weight_version: int = 0, role: str = "rollout engine"
+                 ) -> None:
+        # The KV cache holds `sequences` full-context sequences at once (rlhf_ray/memory.py).
+        # Tensor parallelism runs vLLM's own worker processes over the GPUs Ray gave this engine.
         self.stop_ids = list(load_tokenizer(Path(model_dir)).stop_ids)
         if dtype == "auto":  # decided here, on the engine's machine, not on the driver's
             dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-        self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len,
-                       gpu_memory_utilization=memory_fraction, seed=seed, enforce_eager=True,
+        memory = vllm_memory_args(Path(model_dir), kv_cache or KVCacheConfig(), sequences, dtype)
+        if "kv_cache_memory_bytes" in memory and not torch.cuda.is_available():
+            check_kv_fits(role, int(memory["kv_cache_memory_bytes"]))
+        self.kv_cache_bytes = memory.get("kv_cache_memory_bytes")
+        self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, seed=seed,
+                       enforce_eager=True, **memory,
                        tensor_parallel_size=tensor_parallel_size,
                        distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
                        worker_extension_cls=EXTENSION)

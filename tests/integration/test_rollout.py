@@ -18,7 +18,7 @@ NEW_FACTS = "The capital of France is Lyon. The capital of Peru is Cusco. The ca
 
 @pytest.fixture(scope="module")
 def engine(tiny_policy_dir):
-    engine = RolloutEngine(tiny_policy_dir, max_model_len=512)
+    engine = RolloutEngine(tiny_policy_dir, max_model_len=512, sequences=8)
     yield engine
     engine.shutdown()
 
@@ -39,6 +39,16 @@ def _greedy(engine: RolloutEngine, prompts, max_new_tokens: int = 16) -> list[li
     rollouts = engine.generate(prompts, max_new_tokens, temperature=0.0, top_p=1.0,
                                expected_version=engine.weight_version)
     return [r.response_ids for r in rollouts]
+
+
+def test_the_engine_reserves_the_kv_cache_computed_for_its_sequences(engine, prompts):
+    """8 sequences of the 512-token context: 4 blocks of 128 each, x 1.2 headroom = 39 blocks,
+    asked of vLLM in bytes (2 layers x K,V x 1 KV head x 32 x float32 = 512 bytes a token)."""
+    cache = engine.llm.llm_engine.vllm_config.cache_config
+    assert engine.kv_cache_bytes == cache.kv_cache_memory_bytes == 39 * 128 * 512
+    assert (cache.num_gpu_blocks, cache.block_size) == (39, 128)
+    # More sequences than the cache was sized for wait their turn: all are answered.
+    assert len(engine.generate(prompts * 5, 8, temperature=1.0, top_p=1.0, expected_version=0)) == 20
 
 
 def test_rollouts_carry_ids_logprobs_finish_reasons_and_version(engine, prompts, tiny_policy_dir):
@@ -136,7 +146,7 @@ def test_rollout_actor_generates_under_ray(engine, prompts, tiny_policy_dir):
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(num_cpus=2, include_dashboard=False)
-    actor = RolloutActor.options(num_cpus=1).remote(tiny_policy_dir, max_model_len=512)
+    actor = RolloutActor.options(num_cpus=1).remote(tiny_policy_dir, max_model_len=512, sequences=8)
     try:
         rollouts = ray.get(actor.generate.remote(prompts, 16, 0.0, 1.0, 0), timeout=300)
         assert [r.response_ids for r in rollouts] == _greedy(engine, prompts)

@@ -5,7 +5,9 @@ import torch
 from vllm import LLM, PoolingParams, SamplingParams
 from vllm.inputs import TokensPrompt
 
+from rlhf_ray.config import KVCacheConfig
 from rlhf_ray.data.records import Message
+from rlhf_ray.memory import vllm_memory_args
 from rlhf_ray.modeling import load_policy, load_scalar_model
 from rlhf_ray.tokenizer import load_tokenizer
 
@@ -20,8 +22,8 @@ PROMPTS = ["The capital of", "The capital of France is Paris. The", "Ça"]
 
 
 def _engine(folder, **kwargs) -> LLM:
-    return LLM(model=str(folder), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1,
-               max_model_len=128, seed=0, **kwargs)
+    return LLM(model=str(folder), dtype="float32", enforce_eager=True, max_model_len=128, seed=0,
+               **vllm_memory_args(folder, KVCacheConfig(), len(PROMPTS), "float32"), **kwargs)
 
 
 def _shutdown(llm: LLM) -> None:

@@ -141,14 +141,19 @@ def test_the_reward_stage_counts_two_sequences_per_comparison_and_no_vocabulary(
 
 def test_rollout_kv_cache_hand_computed():
     """bf16 on a GPU: 2 (k, v) x 2 layers x 1 kv head x 32 x 2 bytes = 256 bytes per token."""
-    cfg = tiny("ppo.resources.rollout.num_gpus=1", "ppo.prompts_per_step=8", "ppo.samples_per_prompt=2",
-               "ppo.num_rollout_engines=2", "ppo.estimator=grpo")
+    args = ["ppo.resources.rollout.num_gpus=1", "ppo.prompts_per_step=80", "ppo.samples_per_prompt=2",
+            "ppo.num_rollout_engines=2", "ppo.estimator=grpo", "ppo.eval_max_prompts=16"]
+    cfg = tiny(*args)
     assert kv_bytes_per_token(model_shape(cfg), 2) == 256
     rollout = role(plan_run(cfg, 80), "ppo", "rollout")
-    # each of the 2 engines runs 8 x 2 / 2 = 8 sequences of up to 512 tokens (prompt + response)
-    assert rollout.kv_cache == 256 * 8 * 512
+    # each of the 2 engines runs 80 x 2 / 2 = 80 sequences of up to 512 tokens (the context), in
+    # blocks of 128 tokens: 80 x 4 blocks x headroom 1.2 = 384 blocks
+    assert rollout.kv_cache == 384 * 128 * 256
     assert rollout.weights == 2 * TINY_PARAMS
-    assert rollout.budget == 0.05 * 80 * GB and rollout.fits  # test.yaml's vllm_memory_fraction
+    assert rollout.budget == 80 * GB and rollout.fits  # the whole GPU: the cache is sized, not a share
+    # the held-out prompts go out at once too: 256 of them over 2 engines is more than 80
+    held_out = role(plan_run(tiny(*args, "ppo.eval_max_prompts=256"), 80), "ppo", "rollout")
+    assert held_out.kv_cache == 615 * 128 * 256  # 128 x 4 x 1.2 = 614.4 blocks, rounded up
 
 
 def test_tensor_parallelism_splits_weights_and_kv_cache():
@@ -190,7 +195,7 @@ def test_7b_sft_needs_fsdp_and_fits_over_the_gpus_the_plan_names():
 
 
 def test_70b_rollouts_need_tensor_parallelism_on_80gb_gpus():
-    cfg = [*LLAMA2_70B, *ON_GPUS, "ppo.vllm_memory_fraction=0.9"]
+    cfg = [*LLAMA2_70B, *ON_GPUS, "ppo.kv_cache.memory_fraction=0.9"]
     rollout = role(plan_run(tiny(*cfg), 80), "ppo", "rollout")
     assert rollout.weights == 2 * 68_976_648_192 == pytest.approx(138 * GB, rel=1e-3)  # bf16
     assert rollout.fits is False and "tensor_parallel_size >= 2" in rollout.note
@@ -208,8 +213,8 @@ def test_70b_training_cannot_fit_80gb_gpus_at_any_fsdp_size():
 
 
 def test_suggested_tensor_parallelism_divides_the_heads():
-    """70B at vllm_memory_fraction 0.5: 138 GB / 40 GB needs 4 GPUs (3 would not divide 64 heads)."""
-    plan = plan_run(tiny(*LLAMA2_70B, *ON_GPUS, "ppo.vllm_memory_fraction=0.5"), 80)
+    """70B at kv_cache.memory_fraction 0.5: 138 GB / 40 GB needs 4 GPUs (3 would not divide 64 heads)."""
+    plan = plan_run(tiny(*LLAMA2_70B, *ON_GPUS, "ppo.kv_cache.memory_fraction=0.5"), 80)
     rollout = role(plan, "ppo", "rollout")
     assert "tensor_parallel_size >= 4" in rollout.note
 
