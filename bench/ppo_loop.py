@@ -3,8 +3,9 @@
 One ~4M-parameter random-init Llama (the model of bench/trl_grpo.py's self-test) and one set of
 prompts (`make_model_and_prompts`) feed every contender. The PPO run is this project's GRPO
 (configs/test.yaml with the overrides in `ppo_config`: group 8 x 8 prompts, 128 new tokens,
-one PPO epoch of one 64-sequence mini-batch, kl_coef 0.02, reward len(text)/100 as TRL's default,
-old logprobs from vLLM's sampling so no extra policy pass, as TRL with num_iterations=1) on a
+one PPO epoch of one 64-sequence mini-batch, kl_coef 0.02 as a k3 loss term as TRL's beta 0.02,
+reward len(text)/100 as TRL's default, old logprobs from vLLM's sampling so no extra policy pass,
+as TRL with num_iterations=1; the KL in the reward would need that pass) on a
 local Ray of 2 CPUs started in this process. After one warm-up of each, every timed step runs
 next to a bare vLLM generate and an engine-actor generate of the same 64 prompt ids (order rotated):
 
@@ -90,6 +91,7 @@ def ppo_config(runs_dir: Path, args: argparse.Namespace) -> RunConfig:
         "ppo.estimator=grpo", f"ppo.samples_per_prompt={args.group}",
         f"ppo.prompts_per_step={args.prompts}", f"ppo.max_new_tokens={args.max_new_tokens}",
         f"ppo.mini_batch_size={args.group * args.prompts}", "ppo.ppo_epochs=1", "ppo.kl_coef=0.02",
+        "ppo.kl_mode=loss", "ppo.kl_estimator=k3",
         "ppo.reward_source=function", "ppo.reward_function=bench.ppo_loop:length_reward",
         "ppo.old_logprobs=rollout", "ppo.temperature=1.0", "ppo.top_p=1.0",
         f"ppo.resources.policy.threads={args.threads}", f"ppo.resources.reference.threads={args.threads}"])

@@ -318,19 +318,46 @@ class PPOConfig(_NoFraction):
         1, ge=1, description="Completions per prompt (the group size for GRPO/RLOO)."
     )
     max_new_tokens: int = Field(64, ge=1, description="Longest response generated.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of rollouts.")
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature of rollouts; every logprob the trainer "
+        "computes (policy, old, reference) is of the same tempered distribution (logits / T).",
+    )
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="Nucleus sampling of rollouts: must stay 1 for PPO (the "
+        "trainer's logprobs are of the whole distribution).",
+    )
     estimator: Literal["gae", "grpo", "rloo"] = Field(
         "gae", description="Advantage estimator: GAE with a value model, or a critic-free group baseline."
     )
     ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
     mini_batch_size: int = Field(16, ge=1, description="Sequences per PPO update.")
     clip_ratio: float = Field(0.2, gt=0, description="PPO policy ratio clip.")
+    clip_ratio_c: float | None = Field(
+        3.0, gt=1, description="Dual clip: where the advantage is negative, a token's loss is at "
+        "most clip_ratio_c * |A| however far its ratio ran (None: off).",
+    )
+    tis_cap: float | None = Field(
+        2.0, ge=1, description="Truncated importance sampling: with old_logprobs 'policy', each "
+        "token's loss is weighted by min(pi_trainer / pi_rollout, tis_cap), correcting the "
+        "rollout engine's numerics (None: off).",
+    )
+    grad_clip: float = Field(1.0, gt=0, description="Clip the policy's and value's gradient norm.")
+    max_nonfinite_updates: int = Field(
+        3, ge=1, description="A mini-batch whose loss or gradient is not finite is skipped (and "
+        "logged); this many in a row stop the run, the checkpoint before them intact.",
+    )
     value_clip: float = Field(0.5, gt=0, description="Value-function clip around old values.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     kl_coef: float = Field(0.02, ge=0, description="Initial coefficient of the KL penalty.")
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator.")
+    kl_mode: Literal["reward", "loss"] = Field(
+        "reward", description="How the KL to the reference enters: as a per-token penalty in the "
+        "reward (GAE: per-token rewards; GRPO/RLOO: subtracted after the group baseline), or as "
+        "a loss term with gradient (verl's use_kl_loss).",
+    )
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k1", description="Per-token KL estimator: k1 or k2 in the reward, k2 or k3 in the loss.",
+    )
     kl_target: float | None = Field(
         None, gt=0, description="Adapt kl_coef toward this KL (None: fixed coefficient)."
     )
@@ -367,9 +394,10 @@ class PPOConfig(_NoFraction):
         "logprob_mismatch in the metrics).",
     )
     old_logprobs: Literal["policy", "rollout"] = Field(
-        "policy", description="Where PPO's old logprobs come from: a forward pass of the policy "
-        "(exact), or the rollout engine's sampling logprobs (saves that pass; off by the "
-        "engine/trainer numeric mismatch, which the metrics then cannot show).",
+        "policy", description="The ratio's denominator: a forward pass of the policy (exact; "
+        "tis_cap then corrects for the engine), or the rollout engine's sampling logprobs. The KL "
+        "penalty always uses the trainer's own logprobs, so 'rollout' saves the policy pass only "
+        "when the KL is not in the reward (kl_coef 0 or kl_mode loss) and kl_target is unset.",
     )
     rollout_timeout_s: float = Field(
         600.0, gt=0, description="A rollout call that takes longer fails the step instead of hanging."
@@ -384,6 +412,25 @@ class PPOConfig(_NoFraction):
         if self.estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise ValueError(f"estimator {self.estimator!r} needs samples_per_prompt >= 2 "
                              f"(a group baseline), got {self.samples_per_prompt}")
+        return self
+
+    @model_validator(mode="after")
+    def _kl_estimator_fits_its_use(self) -> PPOConfig:
+        if self.kl_mode == "reward" and self.kl_estimator == "k3":
+            raise ValueError("kl_estimator 'k3' with kl_mode 'reward': as a detached reward its "
+                             "gradient nearly cancels near the reference; use k1 or k2 there, or "
+                             "kl_mode 'loss' for k3")
+        if self.kl_mode == "loss" and self.kl_estimator == "k1":
+            raise ValueError("kl_estimator 'k1' with kl_mode 'loss': its gradient is zero in "
+                             "expectation; use k2 or k3 as a loss")
+        return self
+
+    @model_validator(mode="after")
+    def _samples_match_the_trainer(self) -> PPOConfig:
+        if self.top_p < 1:
+            raise ValueError(f"top_p {self.top_p:g} < 1: nucleus sampling truncates the "
+                             "distribution the trainer's logprobs, ratio and KL are computed on; "
+                             "keep top_p 1 for PPO (lower the temperature instead)")
         return self
 
     @model_validator(mode="after")

@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from rlhf_ray.config import ModelConfig
 from rlhf_ray.storage import atomic_folder
-from rlhf_ray.tokenizer import ChatTokenizer
+from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 # A bar per tiny local folder loaded (the demo loads a dozen) says nothing.
@@ -89,9 +89,28 @@ def load_scalar_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTr
     check_model_folder(folder)
     config = AutoConfig.from_pretrained(str(folder))
     config.num_labels = 1
+    pad = load_tokenizer(folder).pad_id
     if config.pad_token_id is None:
-        raise ValueError(f"{folder / 'config.json'}: pad_token_id is needed to find the last token")
+        config.pad_token_id = pad
+    elif config.pad_token_id != pad:
+        raise ValueError(f"{folder / 'config.json'}: pad_token_id {config.pad_token_id} is not the "
+                         f"tokenizer's pad id {pad} (the folder's tokenizer files); a batch padded "
+                         "with one would be read with the other")
     return AutoModelForSequenceClassification.from_pretrained(str(folder), config=config, dtype=dtype)
+
+
+def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                    ) -> torch.Tensor:
+    """A scalar-head model's score (B,) at each sequence's last real token, found from the
+    attention mask: transformers finds it from pad_token_id, which may also be a real token (a
+    pad shared with the end-of-text token ends every finished response). The pass goes through
+    the model's own forward, so a DistributedDataParallel wrapper still syncs the gradients."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    hidden = out.hidden_states[-1]  # after the final norm: what the score head reads
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (columns * attention_mask).argmax(1)  # the last 1 of each row, left- or right-padded
+    head = getattr(model, "module", model).score
+    return head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1)
 
 
 def save_model(model: PreTrainedModel, tokenizer: ChatTokenizer, dest: Path) -> None:

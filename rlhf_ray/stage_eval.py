@@ -19,7 +19,7 @@ from rlhf_ray.config import RunConfig
 from rlhf_ray.data.readers import read_many
 from rlhf_ray.data.records import ChatRecord, Message, PromptRecord
 from rlhf_ray.evaluate import generate_greedy
-from rlhf_ray.modeling import load_policy, load_scalar_model
+from rlhf_ray.modeling import load_policy, load_scalar_model, sequence_scores
 from rlhf_ray.pipeline import data_files
 from rlhf_ray.storage import write_json_atomic, write_text_atomic
 from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer
@@ -148,8 +148,7 @@ def reward_scores(folder: Path, questions: list[str], replies: dict[str, list[st
         for start in range(0, len(rendered), batch_size):
             with torch.no_grad():
                 batch = right_padded(rendered[start:start + batch_size], tokenizer.pad_id, model.device)
-                logits = model(**batch).logits
-            scores[name] += logits[:, 0].float().tolist()
+                scores[name] += sequence_scores(model, **batch).float().tolist()
     return scores
 
 

@@ -200,7 +200,19 @@ class HFTokenizer:
         self.vocab_size = len(self.hf)
         self.bos_id = self.hf.bos_token_id if self.hf.bos_token_id is not None else self.hf.eos_token_id
         self.pad_id = self.hf.pad_token_id if self.hf.pad_token_id is not None else self.hf.eos_token_id
-        self.stop_ids = sorted({i for i in (self.hf.eos_token_id, self.bos_id) if i is not None})
+        self.stop_ids = sorted({i for i in (self.hf.eos_token_id, self.bos_id) if i is not None}
+                               | set(_generation_eos_ids(Path(folder))) | set(self._turn_end_ids()))
+
+    def _turn_end_ids(self) -> list[int]:
+        """The special token the chat template closes an assistant turn with (Qwen's
+        <|im_end|>, Llama 3's <|eot_id|>): a reply ends there even when eos is another token."""
+        reply = "ok"
+        ids, mask = self.render_chat([Message(role="user", content="hi"),
+                                      Message(role="assistant", content=reply)])
+        turn, content = [i for i, m in zip(ids, mask) if m], self.encode(reply)
+        special = set(self.hf.all_special_ids) | set(self.hf.added_tokens_decoder)
+        after = turn[len(content):] if turn[: len(content)] == content else []
+        return [i for i in after if i in special][:1]
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False)
@@ -239,6 +251,16 @@ class HFTokenizer:
 
     def save(self, folder: Path) -> None:
         self.hf.save_pretrained(str(folder))
+
+
+def _generation_eos_ids(folder: Path) -> list[int]:
+    """generation_config.json's eos_token_id, an id or a list of them (Llama 3 and Qwen list
+    several): every one of them ends a generation."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return []
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    return [eos] if isinstance(eos, int) else list(eos or [])
 
 
 def load_tokenizer(folder: Path) -> ChatTokenizer:

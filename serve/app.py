@@ -81,6 +81,7 @@ class RewardModel:
         import torch
 
         from rlhf_ray.data.records import Message
+        from rlhf_ray.modeling import sequence_scores
 
         tokenizer, model, max_len = self.loaded  # one model for the whole call, even mid-swap
         rendered = [tokenizer.render_chat([Message(**m) for m in c])[0] for c in conversations]
@@ -92,7 +93,7 @@ class RewardModel:
         ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rendered])
         mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rendered])
         with torch.no_grad():
-            return model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
+            return sequence_scores(model, ids, mask).float().tolist()
 
 
 @serve.deployment

@@ -42,18 +42,41 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-               estimator: Literal["k1", "k3"] = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(policy || ref) from tokens sampled by the policy.
+               estimator: Literal["k1", "k2", "k3"] = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || ref) from tokens sampled by the policy (Schulman 2020).
 
     k1 = logp - logp_ref (unbiased, can be negative per token);
-    k3 = (r - 1) - log r with r = exp(logp_ref - logp) (unbiased, always >= 0; Schulman 2020).
+    k2 = (logp - logp_ref)^2 / 2 (biased, low variance; as a loss its gradient is KL's);
+    k3 = (r - 1) - log r with r = exp(logp_ref - logp) (unbiased, always >= 0).
+    As a reward (a detached per-token penalty) only k1 and k2 push toward the reference: k3's
+    expected gradient there is grad KL(pi||ref) - grad KL(ref||pi), nearly nothing near the
+    reference. k3 belongs in a loss (`kl_loss`).
     """
     if estimator == "k1":
         return logprobs - ref_logprobs
+    if estimator == "k2":
+        return 0.5 * (logprobs - ref_logprobs) ** 2
     if estimator == "k3":
         log_r = ref_logprobs - logprobs
         return torch.expm1(log_r) - log_r
-    raise ValueError(f"unknown KL estimator {estimator!r} (expected 'k1' or 'k3')")
+    raise ValueError(f"unknown KL estimator {estimator!r} (expected 'k1', 'k2' or 'k3')")
+
+
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+            estimator: Literal["k2", "k3"] = "k3") -> torch.Tensor:
+    """KL(policy || ref) as a loss term with gradient (verl's use_kl_loss): the masked mean of k2,
+    or of k3 clamped to [-10, 10] (one token whose ratio explodes cannot swamp the batch)."""
+    if estimator not in ("k2", "k3"):
+        raise ValueError(f"KL as a loss takes 'k2' or 'k3', not {estimator!r} (k1's gradient "
+                         "is zero in expectation)")
+    kl = kl_penalty(logprobs, ref_logprobs, estimator)
+    return masked_mean(kl.clamp(-10, 10) if estimator == "k3" else kl, mask)
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_{s >= t} r_s along each row over the masked entries (gamma = 1); 0 off the mask."""
+    rewards = rewards * mask.to(rewards.dtype)
+    return (rewards.flip(1).cumsum(1).flip(1)) * mask.to(rewards.dtype)
 
 
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float,
@@ -128,24 +151,54 @@ def group_advantages(scores: torch.Tensor, group_size: int,
 # --------------------------------------------------------------------------- losses
 
 
-def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO clipped surrogate (Schulman et al. 2017), and two diagnostics.
+LOG_RATIO_LIMIT = 20.0  # exp(20) ~ 5e8: a ratio past it is a broken token, not a signal
 
-    ratio = exp(logp - logp_old); loss = masked mean of -min(ratio * A, clip(ratio, 1-c, 1+c) * A).
-    clip_fraction: share of real tokens where the clipped branch is the smaller one (no gradient).
-    approx_kl: masked mean of 0.5 * (logp - logp_old)^2, the second-order estimate of
-    KL(old || new); both diagnostics are detached.
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip: float, clip_ratio_c: float | None = None,
+                    weights: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate (Schulman et al. 2017) and its detached diagnostics.
+
+    ratio = exp(clamp(logp - logp_old, -20, 20)); per token -min(ratio * A, clip(ratio, 1-c, 1+c) * A).
+    Dual clip (Ye et al. 2020): where A < 0 the loss is also capped at -clip_ratio_c * A, so a
+    token whose ratio has run far away cannot dominate. `weights` (e.g. truncated importance
+    weights) multiply each token's loss. Diagnostics: clip_fraction (the clipped branch is the
+    smaller one: no gradient), dual_clip_fraction, and approx_kl = masked mean of
+    0.5 * (logp - logp_old)^2, the second-order estimate of KL(old || new).
     """
-    log_ratio = logprobs - old_logprobs
+    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip, 1 + clip) * advantages
-    loss = masked_mean(-torch.min(unclipped, clipped), mask)
-    clip_fraction = masked_mean((clipped < unclipped).to(ratio.dtype), mask).detach()
-    approx_kl = masked_mean(0.5 * log_ratio**2, mask).detach()
-    return loss, clip_fraction, approx_kl
+    losses = -torch.min(unclipped, clipped)
+    dual = torch.zeros_like(losses, dtype=torch.bool)
+    if clip_ratio_c is not None:
+        cap = -clip_ratio_c * advantages
+        dual = (advantages < 0) & (losses > cap)
+        losses = torch.where(dual, cap, losses)
+    if weights is not None:
+        losses = losses * weights
+    stats = {"clip_fraction": masked_mean((clipped < unclipped).to(ratio.dtype), mask),
+             "dual_clip_fraction": masked_mean(dual.to(ratio.dtype), mask),
+             "approx_kl": masked_mean(0.5 * log_ratio**2, mask)}
+    return masked_mean(losses, mask), {k: v.detach() for k, v in stats.items()}
+
+
+def truncated_is_weights(trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
+                         mask: torch.Tensor, cap: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Truncated importance sampling (Yao et al. 2025; verl's rollout correction): per token
+    min(pi_train / pi_rollout, cap), correcting for the rollout engine sampling from numerically
+    different logits than the trainer scores (bf16 vLLM vs the trainer). 0 off the mask; detached.
+    Also their mean and max over real tokens and the fraction truncated at the cap."""
+    log_w = (trainer_logprobs - rollout_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    raw = torch.exp(log_w.detach())
+    weights = raw.clamp(max=cap) * mask.to(raw.dtype)
+    real = mask.bool()
+    stats = {"tis_weight_mean": masked_mean(raw, mask).item(),
+             "tis_weight_max": raw[real].max().item() if real.any() else 0.0,
+             "tis_clipped_fraction": masked_mean((raw > cap).to(raw.dtype), mask).item()}
+    return weights, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

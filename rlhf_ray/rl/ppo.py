@@ -42,7 +42,9 @@ from rlhf_ray.rl.algorithms import (
     kl_penalty,
     masked_mean,
     masked_whiten,
+    returns_to_go,
     token_rewards,
+    truncated_is_weights,
     unfinished_penalty,
 )
 from rlhf_ray.rl.rewards import FunctionReward, HTTPReward, contains_answer
@@ -91,27 +93,57 @@ def step_prompts(num_prompts: int, per_step: int, seed: int, step: int) -> list[
 # --------------------------------------------------------------------------- advantages
 
 
+def needs_policy_pass(ppo: PPOConfig) -> bool:
+    """Whether a step computes the policy's own logprobs of the rollouts: for the ratio (old
+    logprobs 'policy'), or for a KL that steers training (in the reward, or adaptive). The KL is
+    never taken from the engine's logprobs, which differ from the trainer's numerically."""
+    kl_in_reward = ppo.kl_mode == "reward" and ppo.kl_coef > 0
+    return ppo.old_logprobs == "policy" or kl_in_reward or ppo.kl_target is not None
+
+
 def compute_advantages(exp: Experience, scores: torch.Tensor, ppo: PPOConfig, kl_coef: float
                        ) -> dict[str, float]:
     """Fill exp.advantages (and exp.returns for GAE) from the sequence scores; return statistics.
 
-    GAE: the KL penalty is a per-token reward, the score is added at the last token, advantages
-    are whitened over the batch. GRPO/RLOO: the sequence's KL sum is subtracted from its score
-    before the group baseline, and every token of a response gets the response's advantage.
+    The KL is of the trainer's policy logprobs to the reference's (k1 summed per response is
+    the reported `kl`). With kl_mode 'reward' it enters as a per-token penalty: for GAE as
+    per-token rewards (the score added at the last token; advantages whitened over the batch);
+    for GRPO/RLOO after the group baseline, so the scores alone are normalised and each token's
+    advantage is the response's minus kl_coef x the penalty still to come (its return-to-go).
+    With kl_mode 'loss' the advantages carry no KL (the policy's loss does).
     """
     mask = exp.response_mask.float()
-    kl = kl_penalty(exp.old_logprobs, exp.ref_logprobs, ppo.kl_estimator) * mask
+    trainer = exp.policy_logprobs if exp.policy_logprobs is not None else exp.sample_logprobs
+    in_reward = ppo.kl_mode == "reward"
+    penalty = kl_penalty(trainer, exp.ref_logprobs, ppo.kl_estimator) * mask if in_reward else None
+    coef = kl_coef if in_reward else 0.0
     shaped = clip_rewards(unfinished_penalty(scores, exp.finished, ppo.unfinished_penalty),
                           ppo.reward_clip)
     if ppo.estimator == "gae":
-        rewards = token_rewards(shaped, kl, kl_coef, mask)
+        rewards = token_rewards(shaped, penalty if penalty is not None else torch.zeros_like(mask),
+                                coef, mask)
         advantages, returns = gae(rewards, exp.values, mask, ppo.gamma, ppo.lam)
         exp.advantages, exp.returns = masked_whiten(advantages, mask), returns
     else:
-        per_sequence = group_advantages(shaped - kl_coef * kl.sum(1), ppo.samples_per_prompt,
-                                        ppo.estimator)
+        per_sequence = group_advantages(shaped, ppo.samples_per_prompt, ppo.estimator)
         exp.advantages = per_sequence[:, None] * mask
-    return {"kl": kl.sum(1).mean().item(), "shaped_reward_mean": shaped.mean().item()}
+        if penalty is not None and coef:
+            exp.advantages = exp.advantages - coef * returns_to_go(penalty, mask)
+    kl = (kl_penalty(trainer, exp.ref_logprobs, "k1") * mask).sum(1)
+    return {"kl": kl.mean().item(), "shaped_reward_mean": shaped.mean().item()}
+
+
+def check_finite_updates(losses: dict[str, float], limit: int, step: int) -> None:
+    """Stop the run once a role has skipped `limit` mini-batches in a row for a non-finite loss
+    or gradient (each skip is in the metrics); the newest checkpoint is from before them."""
+    for role in ("policy", "value"):
+        streak = int(losses.get(f"{role}_nonfinite_streak", 0))
+        if streak >= limit:
+            raise FloatingPointError(
+                f"step {step}: the {role}'s last {streak} updates had a non-finite loss or "
+                f"gradient and were skipped (ppo.max_nonfinite_updates={limit}); stopped before "
+                "saving, so the newest checkpoint is from before them. Lower the learning rate or "
+                "check the rewards")
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -274,12 +306,12 @@ class PPOTrainer:
                                  seed=(self.cfg.seed * 1_000_003 + step) * 65_536)
         t1 = time.perf_counter()
 
-        exp = pack_rollouts(rollouts, self.tokenizer.pad_id)
+        exp = pack_rollouts(rollouts, self.tokenizer.pad_id, ppo.temperature)
         exp_ref = ray.put(exp)
-        recompute = ppo.old_logprobs == "policy"
+        recompute = needs_policy_pass(ppo)
         calls = {"ref_logprobs": self.reference.logprobs.remote(exp_ref)}
         if recompute:
-            calls["old_logprobs"] = self.policy.logprobs.remote(exp_ref)
+            calls["policy_logprobs"] = self.policy.logprobs.remote(exp_ref)
         if self.value is not None:
             calls["values"] = self.value.values.remote(exp_ref)
         scores = self.score(exp_ref, rollouts, batch)
@@ -287,8 +319,16 @@ class PPOTrainer:
             calls["scores"] = scores
         results = dict(zip(calls, ray.get(list(calls.values()))))
         exp.ref_logprobs = results["ref_logprobs"]
-        exp.old_logprobs = results["old_logprobs"] if recompute else exp.sample_logprobs
+        exp.policy_logprobs = results.get("policy_logprobs")
         exp.values = results.get("values")
+        correction: dict[str, float] = {}
+        if ppo.old_logprobs == "policy":
+            exp.old_logprobs = exp.policy_logprobs
+            if ppo.tis_cap is not None:  # the samples came from the engine's numerics
+                exp.is_weights, correction = truncated_is_weights(
+                    exp.policy_logprobs, exp.sample_logprobs, exp.response_mask, ppo.tis_cap)
+        else:
+            exp.old_logprobs = exp.sample_logprobs
         scores = results.get("scores", scores)
         if not torch.isfinite(scores).all():
             raise ValueError(f"the reward model returned non-finite scores at step {step}: "
@@ -297,14 +337,13 @@ class PPOTrainer:
         t2 = time.perf_counter()
 
         exp_ref = ray.put(exp)
-        updates = [self.policy.update.remote(exp_ref, ppo.mini_batch_size, ppo.ppo_epochs,
-                                             ppo.clip_ratio, ppo.entropy_coef)]
+        updates = [self.policy.update.remote(exp_ref, ppo, self.kl.value)]
         if self.value is not None:
-            updates.append(self.value.update.remote(exp_ref, ppo.mini_batch_size, ppo.ppo_epochs,
-                                                    ppo.value_clip))
+            updates.append(self.value.update.remote(exp_ref, ppo))
         losses: dict[str, float] = {}
         for result in ray.get(updates):
             losses.update(result)
+        check_finite_updates(losses, ppo.max_nonfinite_updates, step + 1)
         t3 = time.perf_counter()
         self.sync_weights()
         t4 = time.perf_counter()
@@ -321,6 +360,7 @@ class PPOTrainer:
             **stats,
             "kl_coef": kl_coef,
             **losses,
+            **correction,
             "response_length": lengths.mean().item(),
             "truncated_fraction": 1.0 - exp.finished.float().mean().item(),
             "time_generate": t1 - t0,
@@ -330,9 +370,9 @@ class PPOTrainer:
             "rollout_tokens_per_s": generated / max(t1 - t0, 1e-9),
             "weight_version": self.version,
         }
-        if recompute:  # how far vLLM's sampling logprobs are from the trainer's, per token
+        if exp.policy_logprobs is not None:  # how far vLLM's logprobs are from the trainer's
             metrics["logprob_mismatch"] = masked_mean(
-                (exp.sample_logprobs - exp.old_logprobs).abs(), mask).item()
+                (exp.sample_logprobs - exp.policy_logprobs).abs(), mask).item()
         return metrics
 
     # ----------------------------------------------------------------------- eval and saving
@@ -345,7 +385,7 @@ class PPOTrainer:
         result: dict[str, float] = {}
         for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
             rollouts = self.generate([p.ids for p in prompts], temperature, seed=self.cfg.seed)
-            exp = pack_rollouts(rollouts, self.tokenizer.pad_id)
+            exp = pack_rollouts(rollouts, self.tokenizer.pad_id, temperature)
             exp_ref = ray.put(exp)
             scores = self.score(exp_ref, rollouts, prompts)
             if isinstance(scores, ray.ObjectRef):

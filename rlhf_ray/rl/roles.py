@@ -18,18 +18,21 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
-from rlhf_ray.config import Optim
-from rlhf_ray.modeling import load_policy, load_scalar_model, save_model
-from rlhf_ray.rl.algorithms import entropy_from_logits, masked_mean, ppo_policy_loss, value_loss
+from rlhf_ray.config import Optim, PPOConfig
+from rlhf_ray.modeling import load_policy, load_scalar_model, save_model, sequence_scores
+from rlhf_ray.rl.algorithms import (
+    entropy_from_logits,
+    kl_loss,
+    masked_mean,
+    ppo_policy_loss,
+    value_loss,
+)
 from rlhf_ray.tokenizer import load_tokenizer
 from rlhf_ray.train.loop import uses_bf16
 from rlhf_ray.train.optim import make_optimizer
 
 if TYPE_CHECKING:  # rollout.py imports vLLM, which the trainer side does not need
     from rlhf_ray.rl.rollout import Rollout
-
-GRAD_CLIP = 1.0
-
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -47,8 +50,11 @@ class Experience:
     response_mask: torch.Tensor  # (B, T-1) 1 where column t predicts a response token
     finished: torch.Tensor  # (B,) bool: the response ended with a stop token
     sample_logprobs: torch.Tensor  # (B, T-1) the sampler's (vLLM's) logprobs, 0 off the response
-    old_logprobs: torch.Tensor | None = None  # (B, T-1) the policy's before the update
+    temperature: float = 1.0  # the rollouts were sampled from softmax(logits / temperature)
+    policy_logprobs: torch.Tensor | None = None  # (B, T-1) the trainer's policy before the update
+    old_logprobs: torch.Tensor | None = None  # (B, T-1) the ratio's denominator
     ref_logprobs: torch.Tensor | None = None  # (B, T-1)
+    is_weights: torch.Tensor | None = None  # (B, T-1) truncated importance weights, or None
     values: torch.Tensor | None = None  # (B, T-1) the value model's before the update
     advantages: torch.Tensor | None = None  # (B, T-1)
     returns: torch.Tensor | None = None  # (B, T-1)
@@ -56,14 +62,15 @@ class Experience:
     def __len__(self) -> int:
         return self.sequences.shape[0]
 
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: t for f in fields(self) if isinstance(t := getattr(self, f.name), torch.Tensor)}
+
     def select(self, index: torch.Tensor | slice) -> Experience:
         """The rows `index` of every tensor."""
-        return replace(self, **{f.name: t[index] for f in fields(self)
-                                if (t := getattr(self, f.name)) is not None})
+        return replace(self, **{name: t[index] for name, t in self._tensors().items()})
 
     def to(self, device: torch.device | str) -> Experience:
-        return replace(self, **{f.name: t.to(device) for f in fields(self)
-                                if (t := getattr(self, f.name)) is not None})
+        return replace(self, **{name: t.to(device) for name, t in self._tensors().items()})
 
     def mini_batches(self, size: int, shuffle: bool = True) -> Iterator[Experience]:
         """Mini-batches of `size` rows (the last may be smaller), in a random order by default."""
@@ -74,8 +81,9 @@ class Experience:
             yield self.select(order[start : start + size].to(self.sequences.device))
 
 
-def pack_rollouts(rollouts: Sequence[Rollout], pad_id: int) -> Experience:
-    """Right-pad prompt + response of each rollout into one batch, and mark the response columns."""
+def pack_rollouts(rollouts: Sequence[Rollout], pad_id: int, temperature: float) -> Experience:
+    """Right-pad prompt + response of each rollout into one batch, and mark the response columns.
+    `temperature`: what they were sampled at (0: greedy, whose logprobs are not defined)."""
     if not rollouts:
         raise ValueError("pack_rollouts needs at least one rollout")
     lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
@@ -100,21 +108,31 @@ def pack_rollouts(rollouts: Sequence[Rollout], pad_id: int) -> Experience:
         response_mask[i, P - 1 : P - 1 + R] = 1
         sample_logprobs[i, P - 1 : P - 1 + R] = torch.tensor(r.logprobs, dtype=torch.float)
     finished = torch.tensor([r.finish_reason == "stop" for r in rollouts])
-    return Experience(sequences, attention_mask, response_mask, finished, sample_logprobs)
+    return Experience(sequences, attention_mask, response_mask, finished, sample_logprobs, temperature)
 
 
 # --------------------------------------------------------------------------- forward passes
 
 
-def sequence_logprobs(model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logprob (B, T-1) of each next token and the entropy (B, T-1) of each next-token distribution.
-
-    One forward pass; the softmax is taken in float32 whatever the model's dtype.
-    """
+def next_token_logits(model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """Logits (B, T-1, V) of the distribution each next token was sampled from: the model's,
+    divided by the sampling temperature, in float32 whatever the model's dtype."""
+    if temperature <= 0:
+        raise ValueError("logprobs of greedy (temperature 0) rollouts are not defined")
     logits = model(input_ids=sequences, attention_mask=attention_mask).logits[:, :-1].float()
-    logprobs = torch.log_softmax(logits, -1).gather(-1, sequences[:, 1:, None]).squeeze(-1)
-    return logprobs, entropy_from_logits(logits)
+    return logits / temperature if temperature != 1 else logits
+
+
+def token_logprobs(logits: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
+    """Logprob (B, T-1) of each next token under `logits` (from next_token_logits)."""
+    return torch.log_softmax(logits, -1).gather(-1, sequences[:, 1:, None]).squeeze(-1)
+
+
+def sequence_logprobs(model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Logprob (B, T-1) of each next token at the sampling temperature; one forward pass."""
+    return token_logprobs(next_token_logits(model, sequences, attention_mask, temperature), sequences)
 
 
 def token_values(model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor
@@ -141,11 +159,20 @@ def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
     return make_optimizer(model, Optim(lr=lr, weight_decay=0.0, warmup_steps=0))
 
 
-def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+          grad_clip: float) -> float | None:
+    """One optimizer step; its gradient norm before clipping, or None (and no step) when the
+    loss or the gradient is not finite."""
     optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return None
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return None
     optimizer.step()
+    return norm.item()
 
 
 def _need(exp: Experience, *names: str) -> None:
@@ -170,6 +197,20 @@ class _Trainable:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.model = self.load_model(self.model_dir).to(self.device)
         self.optimizer = _optimizer(self.model, lr)
+        self.nonfinite_streak = 0  # mini-batches skipped in a row (a non-finite loss or gradient)
+
+    def _apply(self, loss: torch.Tensor, grad_clip: float, norms: list[float]) -> None:
+        norm = _step(self.model, self.optimizer, loss, grad_clip)
+        if norm is None:
+            self.nonfinite_streak += 1
+        else:
+            self.nonfinite_streak = 0
+            norms.append(norm)
+
+    def _update_stats(self, role: str, norms: list[float], steps: int) -> dict[str, float]:
+        return {f"{role}_grad_norm": sum(norms) / max(len(norms), 1),
+                f"{role}_skipped_updates": float(steps - len(norms)),
+                f"{role}_nonfinite_streak": float(self.nonfinite_streak)}
 
     def save(self, dest: Path) -> None:
         """The model as a Hugging Face folder (with the tokenizer), written atomically."""
@@ -193,33 +234,53 @@ class PolicyRole(_Trainable):
 
     @torch.no_grad()
     def logprobs(self, exp: Experience) -> torch.Tensor:
-        """The current policy's logprob (B, T-1) of every next token."""
+        """The current policy's logprob (B, T-1) of every next token, at exp's temperature."""
         self.model.eval()
         exp = exp.to(self.device)
         with _autocast(self.device, self.bf16):
-            return sequence_logprobs(self.model, exp.sequences, exp.attention_mask)[0].cpu()
+            return sequence_logprobs(self.model, exp.sequences, exp.attention_mask, exp.temperature).cpu()
 
-    def update(self, exp: Experience, mini_batch_size: int, epochs: int, clip: float,
-               entropy_coef: float = 0.0) -> dict[str, float]:
-        """PPO epochs over mini-batches; the means of the losses and diagnostics over all steps."""
+    def update(self, exp: Experience, ppo: PPOConfig, kl_coef: float) -> dict[str, float]:
+        """PPO epochs over mini-batches; the means of the losses and diagnostics over all steps.
+        With ppo.kl_mode 'loss', kl_coef weighs the KL-to-reference loss term."""
         _need(exp, "old_logprobs", "advantages")
+        kl_in_loss = ppo.kl_mode == "loss" and kl_coef > 0
+        if kl_in_loss:
+            _need(exp, "ref_logprobs")
         self.model.train()
         exp = exp.to(self.device)
-        totals = {"policy_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "entropy": 0.0}
+        totals = {"policy_loss": 0.0, "clip_fraction": 0.0, "dual_clip_fraction": 0.0,
+                  "approx_kl": 0.0, "entropy": 0.0, "kl_loss": 0.0}
+        norms: list[float] = []
         steps = 0
-        for _ in range(epochs):
-            for mb in exp.mini_batches(mini_batch_size):
+        for _ in range(ppo.ppo_epochs):
+            for mb in exp.mini_batches(ppo.mini_batch_size):
                 with _autocast(self.device, self.bf16):
-                    logprobs, entropy = sequence_logprobs(self.model, mb.sequences, mb.attention_mask)
-                loss, clip_fraction, approx_kl = ppo_policy_loss(
-                    logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, clip)
-                mean_entropy = masked_mean(entropy, mb.response_mask)
-                _step(self.model, self.optimizer, loss - entropy_coef * mean_entropy)
-                for key, value in (("policy_loss", loss), ("clip_fraction", clip_fraction),
-                                   ("approx_kl", approx_kl), ("entropy", mean_entropy)):
+                    logits = next_token_logits(self.model, mb.sequences, mb.attention_mask,
+                                               exp.temperature)
+                logprobs = token_logprobs(logits, mb.sequences)
+                loss, stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages,
+                                              mb.response_mask, ppo.clip_ratio, ppo.clip_ratio_c,
+                                              mb.is_weights)
+                stats["policy_loss"] = loss.detach()
+                total = loss
+                if ppo.entropy_coef > 0:  # the entropy's graph costs a (B, T, V) tensor: only if used
+                    entropy = masked_mean(entropy_from_logits(logits), mb.response_mask)
+                    total = total - ppo.entropy_coef * entropy
+                else:
+                    with torch.no_grad():
+                        entropy = masked_mean(entropy_from_logits(logits.detach()), mb.response_mask)
+                stats["entropy"] = entropy.detach()
+                if kl_in_loss:
+                    kl = kl_loss(logprobs, mb.ref_logprobs, mb.response_mask, ppo.kl_estimator)
+                    total = total + kl_coef * kl
+                    stats["kl_loss"] = kl.detach()
+                self._apply(total, ppo.grad_clip, norms)
+                for key, value in stats.items():
                     totals[key] += value.item()
                 steps += 1
-        return {key: value / max(steps, 1) for key, value in totals.items()}
+        out = {key: value / max(steps, 1) for key, value in totals.items()}
+        return out | self._update_stats("policy", norms, steps)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under their Hugging Face names (tied lm_head included), on the CPU."""
@@ -239,22 +300,21 @@ class ValueRole(_Trainable):
         with _autocast(self.device, self.bf16):
             return token_values(self.model, exp.sequences, exp.attention_mask).cpu()
 
-    def update(self, exp: Experience, mini_batch_size: int, epochs: int,
-               clip: float) -> dict[str, float]:
+    def update(self, exp: Experience, ppo: PPOConfig) -> dict[str, float]:
         """Clipped value regression toward `exp.returns`; the mean loss over all steps."""
         _need(exp, "values", "returns")
         self.model.train()
         exp = exp.to(self.device)
-        total, steps = 0.0, 0
-        for _ in range(epochs):
-            for mb in exp.mini_batches(mini_batch_size):
+        total, steps, norms = 0.0, 0, []
+        for _ in range(ppo.ppo_epochs):
+            for mb in exp.mini_batches(ppo.mini_batch_size):
                 with _autocast(self.device, self.bf16):
                     values = token_values(self.model, mb.sequences, mb.attention_mask)
-                loss = value_loss(values, mb.values, mb.returns, mb.response_mask, clip)
-                _step(self.model, self.optimizer, loss)
+                loss = value_loss(values, mb.values, mb.returns, mb.response_mask, ppo.value_clip)
+                self._apply(loss, ppo.grad_clip, norms)
                 total += loss.item()
                 steps += 1
-        return {"value_loss": total / max(steps, 1)}
+        return {"value_loss": total / max(steps, 1)} | self._update_stats("value", norms, steps)
 
 
 class ReferenceRole:
@@ -268,9 +328,10 @@ class ReferenceRole:
 
     @torch.no_grad()
     def logprobs(self, exp: Experience) -> torch.Tensor:
+        """The reference's logprobs of the same tempered distribution as the policy's."""
         exp = exp.to(self.device)
         with _autocast(self.device, self.bf16):
-            return sequence_logprobs(self.model, exp.sequences, exp.attention_mask)[0].cpu()
+            return sequence_logprobs(self.model, exp.sequences, exp.attention_mask, exp.temperature).cpu()
 
     def ready(self) -> bool:
         return True
@@ -287,11 +348,10 @@ class RewardModelRole:
 
     @torch.no_grad()
     def score(self, exp: Experience) -> torch.Tensor:
-        """The score (B,) read at each sequence's last non-pad token."""
+        """The score (B,) read at each sequence's last real token (from the attention mask)."""
         exp = exp.to(self.device)
         with _autocast(self.device, self.bf16):
-            out = self.model(input_ids=exp.sequences, attention_mask=exp.attention_mask)
-        return out.logits[:, 0].float().cpu()
+            return sequence_scores(self.model, exp.sequences, exp.attention_mask).float().cpu()
 
     def ready(self) -> bool:
         return True

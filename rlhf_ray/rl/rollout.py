@@ -6,9 +6,10 @@ produced it, and `generate` refuses to sample from weights other than the ones t
 so a trainer never learns from responses of a policy it did not mean to use (no silent
 off-policy drift).
 
-The logprob of each sampled token is vLLM's raw logprob: log_softmax of the policy's logits, before
-temperature and top-p. It is what the trainer recomputes with a plain forward pass, so at
-temperature 1 and top_p 1 it is the behaviour policy's logprob that PPO's ratio needs.
+The logprob of each sampled token is of the distribution it was sampled from: vLLM's processed
+logprobs, log_softmax(logits / temperature) (after top-p, which PPO keeps at 1). The trainer
+computes the same quantity by dividing its logits by the temperature, so the two differ only by
+the engine's numerics (PPO's `logprob_mismatch`, corrected by truncated importance sampling).
 
 `RolloutEngine` is a plain class (usable without Ray, e.g. in tests); `RolloutActor` is the same
 class as a Ray actor.
@@ -64,7 +65,7 @@ class RolloutEngine:
             check_kv_fits(role, int(memory["kv_cache_memory_bytes"]))
         self.kv_cache_bytes = memory.get("kv_cache_memory_bytes")
         self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, seed=seed,
-                       enforce_eager=True, **memory,
+                       enforce_eager=True, logprobs_mode="processed_logprobs", **memory,
                        tensor_parallel_size=tensor_parallel_size,
                        distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
                        worker_extension_cls=EXTENSION)

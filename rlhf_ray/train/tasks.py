@@ -16,7 +16,14 @@ import torch
 
 from rlhf_ray.config import RunConfig, TrainStage
 from rlhf_ray.data.shards import open_split
-from rlhf_ray.modeling import count_parameters, load_policy, load_scalar_model, new_policy, save_model
+from rlhf_ray.modeling import (
+    count_parameters,
+    load_policy,
+    load_scalar_model,
+    new_policy,
+    save_model,
+    sequence_scores,
+)
 from rlhf_ray.tokenizer import load_tokenizer
 from rlhf_ray.train.flops import flops_per_token
 from rlhf_ray.train.loop import Batch
@@ -214,7 +221,7 @@ class RewardTask:
 
     def scores(self, model: torch.nn.Module, batch: Batch) -> list[torch.Tensor]:
         """The scalar reward of every sequence, split back into comparisons."""
-        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        rewards = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
         return list(torch.split(rewards.float(), batch["group_sizes"].tolist()))
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ import ray
 import torch
 
 from rlhf_ray.modeling import load_policy
+from rlhf_ray.rl.roles import pack_rollouts, sequence_logprobs
 from rlhf_ray.rl.rollout import RolloutActor, RolloutEngine, StaleWeightsError
 from rlhf_ray.tokenizer import load_tokenizer
 from tests.tiny import FACTS as FACTS_TEXT, memorise
@@ -79,20 +80,23 @@ def test_greedy_rollouts_match_transformers(engine, prompts, tiny_policy_dir):
         assert response == _hf_greedy(model, prompt, 16)
 
 
-def test_sampling_logprobs_match_the_policys_recomputed_logprobs(engine, prompts, tiny_policy_dir):
-    """The rollout/trainer logprob mismatch PPO's ratio starts from is ~0 with the same weights."""
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_sampling_logprobs_match_the_policys_recomputed_logprobs(engine, prompts, tiny_policy_dir,
+                                                                 temperature):
+    """The rollout/trainer logprob mismatch PPO's ratio starts from is ~0 with the same weights,
+    at any temperature: both are of softmax(logits / T), the distribution that was sampled."""
     model = load_policy(tiny_policy_dir).eval()
-    rollouts = engine.generate(prompts * 4, max_new_tokens=24, temperature=1.0, top_p=1.0,
+    rollouts = engine.generate(prompts * 4, max_new_tokens=24, temperature=temperature, top_p=1.0,
                                expected_version=engine.weight_version, seed=1)
-    worst = 0.0
-    for r in rollouts:
-        ids = torch.tensor([r.prompt_ids + r.response_ids])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
-        positions = torch.arange(len(r.prompt_ids) - 1, ids.shape[1] - 1)
-        recomputed = logp[positions, ids[0, positions + 1]]
-        worst = max(worst, (recomputed - torch.tensor(r.logprobs)).abs().max().item())
+    exp = pack_rollouts(rollouts, load_tokenizer(tiny_policy_dir).pad_id, temperature)
+    with torch.no_grad():
+        recomputed = sequence_logprobs(model, exp.sequences, exp.attention_mask, temperature)
+        untempered = sequence_logprobs(model, exp.sequences, exp.attention_mask)
+    mask = exp.response_mask.bool()
+    worst = (recomputed - exp.sample_logprobs)[mask].abs().max().item()
     assert worst < 1e-3, worst
+    if temperature != 1:  # the engine does not report the T = 1 logprobs
+        assert (untempered - exp.sample_logprobs)[mask].abs().max().item() > 0.05
 
 
 def test_weight_sync_changes_generation_to_the_new_weights(engine, prompts, tiny_policy_dir):

@@ -1,6 +1,7 @@
 """The model format: Hugging Face folders with safetensors, policy and scalar-head models."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -89,6 +90,21 @@ def test_missing_or_broken_model_folders_are_named(tmp_path, tiny_policy_dir):
     (broken / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors weights"):
         check_model_folder(broken)
+
+
+def test_a_scalar_model_whose_pad_id_is_not_its_tokenizers_is_refused(tmp_path, tiny_reward_dir,
+                                                                      tiny_tokenizer):
+    folder = tmp_path / "reward"
+    shutil.copytree(tiny_reward_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["pad_token_id"] = tiny_tokenizer.pad_id + 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"config.json: pad_token_id {tiny_tokenizer.pad_id + 1} "
+                                         rf"is not the tokenizer's pad id {tiny_tokenizer.pad_id}"):
+        load_scalar_model(folder)
+    config["pad_token_id"] = None  # none in the config: the tokenizer's is taken
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_scalar_model(folder).config.pad_token_id == tiny_tokenizer.pad_id
 
 
 def test_a_failed_save_leaves_no_folder_behind(tmp_path, tiny_tokenizer, tiny_policy_dir):

@@ -2,19 +2,30 @@
 
 import json
 import threading
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
 
-from rlhf_ray.config import PPOConfig, load_config
+from rlhf_ray.config import ConfigError, PPOConfig, load_config
 from rlhf_ray.data.readers import RecordError
 from rlhf_ray.data.records import Message
 from rlhf_ray.pipeline import ppo_before_after
-from rlhf_ray.rl.ppo import PPOTrainer, compute_advantages, latest_checkpoint, load_prompts, step_prompts
+from rlhf_ray.rl.ppo import (
+    PPOTrainer,
+    check_finite_updates,
+    compute_advantages,
+    latest_checkpoint,
+    load_prompts,
+    needs_policy_pass,
+    step_prompts,
+)
 from rlhf_ray.rl.rewards import HTTPReward
 from rlhf_ray.rl.roles import pack_rollouts
 from rlhf_ray.rl.rollout import Rollout
+
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 def write_prompts(path, prompts):
@@ -64,8 +75,9 @@ def test_step_prompts_are_a_pure_function_of_seed_and_step_covering_each_epoch()
 def experience(samples: int = 2):
     rollouts = [Rollout([5, 6], [7, 8, 1], [-0.1, -0.2, -0.3], "stop", 0),
                 Rollout([5], [9, 9], [-1.0, -1.0], "length", 0)] * (samples // 2)
-    exp = pack_rollouts(rollouts, pad_id=0)
-    exp.old_logprobs = exp.sample_logprobs.clone()
+    exp = pack_rollouts(rollouts, pad_id=0, temperature=1.0)
+    exp.policy_logprobs = exp.sample_logprobs.clone()
+    exp.old_logprobs = exp.policy_logprobs
     exp.ref_logprobs = exp.sample_logprobs - 0.5 * exp.response_mask  # KL 0.5 per token
     exp.values = torch.zeros_like(exp.old_logprobs)
     return exp
@@ -100,6 +112,72 @@ def test_group_estimators_give_every_token_its_responses_advantage(estimator):
     signs = [a[0] > 0 for a in per_response]
     assert signs == [True, False, False, True]
     assert exp.returns is None
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1, 0.2])
+def test_grpo_with_equal_scores_moves_only_by_the_kl_penalty_scaled_by_kl_coef(kl_coef):
+    """A group whose scores are all equal has no preference to learn: the advantages are the KL
+    penalty still to come, times kl_coef (not the KL's noise standardised to unit scale)."""
+    exp = experience(samples=2)  # one group: a 3-token and a 2-token response, KL 0.5 per token
+    cfg = PPOConfig(estimator="grpo", samples_per_prompt=2, kl_coef=kl_coef)
+    compute_advantages(exp, torch.tensor([1.0, 1.0]), cfg, kl_coef=kl_coef)
+    mask = exp.response_mask.bool()
+    assert exp.advantages[0][mask[0]].tolist() == pytest.approx([-kl_coef * 1.5, -kl_coef * 1.0,
+                                                                 -kl_coef * 0.5])
+    assert exp.advantages[1][mask[1]].tolist() == pytest.approx([-kl_coef * 1.0, -kl_coef * 0.5])
+    assert (exp.advantages[~mask] == 0).all()
+
+
+def test_grpo_normalises_the_scores_alone_then_subtracts_the_kl():
+    exp = experience(samples=2)
+    compute_advantages(exp, torch.tensor([3.0, 1.0]), PPOConfig(estimator="grpo", samples_per_prompt=2),
+                       kl_coef=0.1)
+    # scores 3, 1: mean 2, std (Bessel) sqrt(2) -> +-1/sqrt(2) (over std + 1e-6), then the KL to go
+    z = 1 / (2**0.5 + 1e-6)
+    assert exp.advantages[0, 1:4].tolist() == pytest.approx([z - 0.15, z - 0.10, z - 0.05])
+    assert exp.advantages[1, 0:2].tolist() == pytest.approx([-z - 0.10, -z - 0.05])
+
+
+def test_with_the_kl_as_a_loss_the_advantages_carry_no_kl():
+    exp = experience(samples=2)
+    cfg = PPOConfig(estimator="grpo", samples_per_prompt=2, kl_mode="loss", kl_estimator="k3")
+    stats = compute_advantages(exp, torch.tensor([1.0, 1.0]), cfg, kl_coef=0.5)
+    assert (exp.advantages == 0).all()
+    assert stats["kl"] == pytest.approx((1.5 + 1.0) / 2)  # still reported (k1)
+
+
+def test_the_kl_penalty_uses_the_trainers_logprobs_never_the_engines():
+    """old_logprobs 'rollout': the ratio uses vLLM's logprobs, but the KL is the trainer's policy
+    against the reference; at step 0 (policy = reference) it is 0, however far vLLM's numbers are."""
+    exp = experience()
+    exp.ref_logprobs = exp.policy_logprobs.clone()  # the policy is still the reference
+    exp.sample_logprobs = exp.policy_logprobs - 0.3 * exp.response_mask  # bf16 vLLM differs
+    exp.old_logprobs = exp.sample_logprobs
+    stats = compute_advantages(exp, torch.tensor([0.0, 0.0]), PPOConfig(old_logprobs="rollout"), 0.1)
+    assert stats["kl"] == 0.0
+    assert needs_policy_pass(PPOConfig(old_logprobs="rollout"))  # kl_coef 0.02 in the reward
+    assert needs_policy_pass(PPOConfig(old_logprobs="rollout", kl_coef=0.0, kl_target=1.0))
+    assert not needs_policy_pass(PPOConfig(old_logprobs="rollout", kl_coef=0.0))
+    assert not needs_policy_pass(PPOConfig(old_logprobs="rollout", kl_mode="loss", kl_estimator="k3"))
+
+
+def test_repeated_non_finite_updates_stop_the_run_with_the_role_named():
+    check_finite_updates({"policy_nonfinite_streak": 2.0, "value_nonfinite_streak": 0.0}, 3, 7)
+    with pytest.raises(FloatingPointError, match=r"step 7: the value's last 3 updates .* skipped "
+                                                 r"\(ppo.max_nonfinite_updates=3\)"):
+        check_finite_updates({"policy_nonfinite_streak": 0.0, "value_nonfinite_streak": 3.0}, 3, 7)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["ppo.kl_estimator=k3"], "kl_estimator 'k3' with kl_mode 'reward'"),
+    (["ppo.kl_mode=loss", "ppo.kl_estimator=k1"], "kl_estimator 'k1' with kl_mode 'loss'"),
+    (["ppo.top_p=0.9"], "top_p 0.9 < 1: nucleus sampling truncates"),
+    (["ppo.clip_ratio_c=0.5"], "clip_ratio_c: Input should be greater than 1"),
+])
+def test_settings_that_would_bias_ppo_are_refused_by_name(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "test.yaml", settings)
+    assert load_config(CONFIGS / "test.yaml", ["ppo.kl_mode=loss", "ppo.kl_estimator=k3"])
 
 
 def test_rollout_engines_pick_their_own_threads():

@@ -11,11 +11,14 @@ from rlhf_ray.rl.algorithms import (
     entropy_from_logits,
     gae,
     group_advantages,
+    kl_loss,
     kl_penalty,
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
+    returns_to_go,
     token_rewards,
+    truncated_is_weights,
     unfinished_penalty,
     value_loss,
 )
@@ -85,9 +88,13 @@ def test_k3_is_never_negative_and_zero_for_equal_policies():
     close(kl_penalty(logp, logp, "k1"), torch.zeros(1000))
 
 
+def test_k2_by_hand():
+    close(kl_penalty(t([0.0, -1.0]), t([-0.5, 0.0]), "k2"), [0.125, 0.5])
+
+
 def test_unknown_kl_estimator_is_refused():
-    with pytest.raises(ValueError, match="k2"):
-        kl_penalty(t([0.0]), t([0.0]), "k2")
+    with pytest.raises(ValueError, match="k4"):
+        kl_penalty(t([0.0]), t([0.0]), "k4")
 
 
 def test_token_rewards_penalise_every_real_token_and_add_the_score_at_the_last():
@@ -197,16 +204,17 @@ def _logprobs():
 
 
 def test_ppo_loss_inside_and_outside_the_clip_range():
-    loss, clip_fraction, approx_kl = ppo_policy_loss(_logprobs(), torch.zeros(1, 6, dtype=torch.float64),
-                                                     ADVANTAGES, MASK, clip=0.2)
+    loss, stats = ppo_policy_loss(_logprobs(), torch.zeros(1, 6, dtype=torch.float64),
+                                  ADVANTAGES, MASK, clip=0.2)
     close(loss, (-1.1 - 1.2 + 1.5 + 1.6 - 1.0) / 5)
-    close(clip_fraction, 2 / 5)
-    close(approx_kl, sum(0.5 * math.log(r) ** 2 for r in RATIOS[:5]) / 5)
+    close(stats["clip_fraction"], 2 / 5)
+    close(stats["dual_clip_fraction"], 0.0)
+    close(stats["approx_kl"], sum(0.5 * math.log(r) ** 2 for r in RATIOS[:5]) / 5)
 
 
 def test_clipped_and_padded_tokens_carry_no_gradient():
     logp = _logprobs()
-    loss, _, _ = ppo_policy_loss(logp, torch.zeros(1, 6, dtype=torch.float64), ADVANTAGES, MASK, clip=0.2)
+    loss, _ = ppo_policy_loss(logp, torch.zeros(1, 6, dtype=torch.float64), ADVANTAGES, MASK, clip=0.2)
     loss.backward()
     # d(-r * A / 5) / d logp = -r * A / 5 where the unclipped branch is taken
     close(logp.grad, t([-1.1 / 5, 0, 1.5 / 5, 0, -1.0 / 5, 0]))
@@ -214,10 +222,77 @@ def test_clipped_and_padded_tokens_carry_no_gradient():
 
 def test_ppo_loss_at_ratio_one_is_minus_the_mean_advantage():
     old = t([-1.0, -2.0, -0.5])
-    loss, clip_fraction, approx_kl = ppo_policy_loss(old.clone(), old, t([1.0, -3.0, 5.0]), t([1, 1, 1]), 0.2)
+    loss, stats = ppo_policy_loss(old.clone(), old, t([1.0, -3.0, 5.0]), t([1, 1, 1]), 0.2)
     close(loss, -1.0)
-    close(clip_fraction, 0.0)
-    close(approx_kl, 0.0)
+    close(stats["clip_fraction"], 0.0)
+    close(stats["approx_kl"], 0.0)
+
+
+def test_dual_clip_caps_the_loss_of_a_runaway_ratio_with_a_negative_advantage():
+    """ratio 5, A = -1: the clipped surrogate is -min(-5, -1.2) = 5; dual clip with c = 3 caps it
+    at -c * A = 3 (and gives that token no gradient). A positive advantage is never dual-clipped:
+    ratio 5, A = +1 gives -min(5, 1.2) = -1.2 either way."""
+    logp = torch.tensor([[math.log(5.0), math.log(5.0), math.log(1.1)]], dtype=torch.float64,
+                        requires_grad=True)
+    old, adv, mask = torch.zeros(1, 3, dtype=torch.float64), t([-1.0, 1.0, -1.0]), t([1, 1, 1])
+    plain, _ = ppo_policy_loss(logp, old, adv, mask, clip=0.2)
+    close(plain, (5.0 - 1.2 + 1.1) / 3)
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, clip=0.2, clip_ratio_c=3.0)
+    close(loss, (3.0 - 1.2 + 1.1) / 3)
+    close(stats["dual_clip_fraction"], 1 / 3)
+    loss.backward()
+    close(logp.grad, t([0.0, 0.0, 1.1 / 3]))  # d(-r * A / 3) / d logp = -r * A / 3 = 1.1 / 3
+
+
+def test_a_log_ratio_beyond_20_is_clamped_before_exp():
+    """logp - old = 200 would overflow exp to inf (and the loss to inf or nan); clamped at 20."""
+    logp, old = torch.tensor([[200.0, 0.0]]), torch.zeros(1, 2)
+    loss, stats = ppo_policy_loss(logp, old, torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2), clip=0.2)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx((math.exp(20) - 1.0) / 2, rel=1e-5)
+    assert stats["approx_kl"].item() == pytest.approx(0.5 * 20**2 / 2)
+    capped, _ = ppo_policy_loss(logp, old, torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2), 0.2, 3.0)
+    assert capped.item() == pytest.approx((3.0 - 1.0) / 2)
+
+
+def test_importance_weights_per_token_times_the_loss():
+    """Token losses by hand (ratio 1 everywhere: -A) times weights 0.5 and 2."""
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    loss, _ = ppo_policy_loss(old.clone(), old, t([1.0, -1.0]), t([1, 1]), 0.2,
+                              weights=t([0.5, 2.0]))
+    close(loss, (-1.0 * 0.5 + 1.0 * 2.0) / 2)
+
+
+def test_truncated_importance_weights_by_hand():
+    """w = min(exp(trainer - rollout), cap) on real tokens: exp(0.1), exp(-0.3), exp(1.0) -> 2 (cap),
+    and the padded column is 0; mean and max are of the raw ratios, clipped 1 of 3 tokens."""
+    trainer, rollout = t([0.1, -0.3, 1.0, 9.0]), t([0.0, 0.0, 0.0, 0.0])
+    weights, stats = truncated_is_weights(trainer, rollout, t([1, 1, 1, 0]), cap=2.0)
+    close(weights, [math.exp(0.1), math.exp(-0.3), 2.0, 0.0])
+    assert stats["tis_weight_mean"] == pytest.approx((math.exp(0.1) + math.exp(-0.3) + math.e) / 3)
+    assert stats["tis_weight_max"] == pytest.approx(math.e)
+    assert stats["tis_clipped_fraction"] == pytest.approx(1 / 3)
+    assert not weights.requires_grad
+
+
+def test_kl_as_a_loss_is_k2_or_clamped_k3_with_gradient():
+    logp = torch.tensor([[0.0, -1.0, -30.0]], dtype=torch.float64, requires_grad=True)
+    ref, mask = t([-0.5, 0.0, 0.0]), t([1, 1, 0])
+    close(kl_loss(logp, ref, mask, "k2"), (0.125 + 0.5) / 2)
+    # k3 per token: e^(ref - logp) - 1 - (ref - logp): e^-0.5 - 0.5, e^1 - 2
+    k3 = kl_loss(logp, ref, mask, "k3")
+    close(k3, (math.exp(-0.5) - 1 + 0.5 + math.e - 1 - 1) / 2)
+    k3.backward()
+    # d/dlogp of e^(ref - logp) - 1 - ref + logp = 1 - e^(ref - logp), halved by the mean
+    close(logp.grad, t([(1 - math.exp(-0.5)) / 2, (1 - math.e) / 2, 0.0]))
+    # a runaway token (e^30 - 31) is clamped at 10
+    close(kl_loss(torch.tensor([[-30.0]]), torch.tensor([[0.0]]), torch.ones(1, 1), "k3"), 10.0)
+    with pytest.raises(ValueError, match="k1"):
+        kl_loss(logp, ref, mask, "k1")
+
+
+def test_returns_to_go_sum_the_rest_of_each_response():
+    close(returns_to_go(t([1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]), t([0, 1, 1, 0], [1, 1, 1, 1])),
+          [[0, 5, 3, 0], [26, 21, 15, 8]])
 
 
 # --------------------------------------------------------------------------- value loss

@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from rlhf_ray.config import PPOConfig
 from rlhf_ray.data.records import Message
 from rlhf_ray.modeling import load_policy, load_scalar_model
 from rlhf_ray.rl.algorithms import masked_mean, value_loss
@@ -35,14 +36,15 @@ def exp(tiny_tokenizer) -> Experience:
         rollout(ask("Capital of Peru?"), tok.encode("The capital of Peru is Lima."), "length"),
         rollout(ask("And Kenya, what is its capital city?"), tok.encode("Nairobi") + [tok.end_id]),
     ]
-    return pack_rollouts(rollouts, tok.pad_id)
+    return pack_rollouts(rollouts, tok.pad_id, temperature=1.0)
 
 
 # --------------------------------------------------------------------------- packing
 
 
 def test_pack_rollouts_by_hand():
-    exp = pack_rollouts([rollout([1, 2, 3], [4, 5]), rollout([6], [7, 8, 9], "length")], pad_id=0)
+    exp = pack_rollouts([rollout([1, 2, 3], [4, 5]), rollout([6], [7, 8, 9], "length")], pad_id=0,
+                        temperature=0.7)
     assert exp.sequences.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
     assert exp.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     # column t predicts token t + 1: row 0 predicts 4, 5 at columns 2, 3; row 1 predicts 7, 8, 9
@@ -51,12 +53,13 @@ def test_pack_rollouts_by_hand():
     assert exp.sample_logprobs.tolist() == [[0, 0, -0.5, -0.5], [-0.5, -0.5, -0.5, 0]]
     assert exp.finished.tolist() == [True, False]
     assert exp.old_logprobs is None and exp.advantages is None and exp.returns is None
+    assert exp.temperature == 0.7 and exp.select(slice(0, 1)).temperature == 0.7
 
 
 def test_pack_rollouts_rejects_mismatched_logprobs():
     bad = Rollout([1, 2], [3, 4], [-1.0], "stop", 0)
     with pytest.raises(ValueError, match="rollout 0"):
-        pack_rollouts([bad], pad_id=0)
+        pack_rollouts([bad], pad_id=0, temperature=1.0)
 
 
 def test_mini_batches_cover_every_row_once(exp):
@@ -73,16 +76,35 @@ def test_mini_batches_cover_every_row_once(exp):
 def test_sequence_logprobs_matches_manual(tiny_policy_dir, exp):
     model = load_policy(tiny_policy_dir).eval()
     with torch.no_grad():
-        logprobs, entropy = sequence_logprobs(model, exp.sequences, exp.attention_mask)
+        logprobs = sequence_logprobs(model, exp.sequences, exp.attention_mask)
+        tempered = sequence_logprobs(model, exp.sequences, exp.attention_mask, temperature=0.5)
         logits = model(input_ids=exp.sequences, attention_mask=exp.attention_mask).logits.float()
     B, T = exp.sequences.shape
-    assert logprobs.shape == entropy.shape == (B, T - 1) and logprobs.dtype == torch.float32
-    logp = torch.log_softmax(logits, -1)
+    assert logprobs.shape == (B, T - 1) and logprobs.dtype == torch.float32
+    logp, logp_half = torch.log_softmax(logits, -1), torch.log_softmax(logits / 0.5, -1)
     for i in range(B):
         for t in range(T - 1):
-            expected = logp[i, t, exp.sequences[i, t + 1]].item()
-            assert logprobs[i, t].item() == pytest.approx(expected, abs=1e-5)
-    assert (entropy >= 0).all()
+            token = exp.sequences[i, t + 1]
+            assert logprobs[i, t].item() == pytest.approx(logp[i, t, token].item(), abs=1e-5)
+            assert tempered[i, t].item() == pytest.approx(logp_half[i, t, token].item(), abs=1e-5)
+
+
+def test_every_role_scores_the_tempered_distribution_the_rollouts_came_from(tiny_policy_dir, exp):
+    """Sampled at T = 0.5: the policy's and the reference's logprobs are log_softmax(logits / 0.5),
+    not those of T = 1 (which PPO's ratio and KL would otherwise silently use)."""
+    policy = PolicyRole(tiny_policy_dir, lr=1e-3, device="cpu")
+    reference = ReferenceRole(tiny_policy_dir, device="cpu")
+    at_one = policy.logprobs(exp)
+    exp.temperature = 0.5
+    model = load_policy(tiny_policy_dir).eval()
+    with torch.no_grad():
+        expected = sequence_logprobs(model, exp.sequences, exp.attention_mask, temperature=0.5)
+    torch.testing.assert_close(policy.logprobs(exp), expected)
+    torch.testing.assert_close(reference.logprobs(exp), expected)
+    assert not torch.allclose(at_one * exp.response_mask, expected * exp.response_mask)
+    exp.temperature = 0.0
+    with pytest.raises(ValueError, match="greedy"):
+        policy.logprobs(exp)
 
 
 def test_policy_matches_reference_before_update(tiny_policy_dir, exp):
@@ -98,8 +120,11 @@ def test_policy_update_follows_the_advantage(tiny_policy_dir, exp, sign):
     policy = PolicyRole(tiny_policy_dir, lr=1e-4, device="cpu")
     exp.old_logprobs = policy.logprobs(exp)
     exp.advantages = sign * exp.response_mask.float()
-    stats = policy.update(exp, mini_batch_size=3, epochs=1, clip=0.2, entropy_coef=0.01)
-    assert set(stats) == {"policy_loss", "clip_fraction", "approx_kl", "entropy"}
+    stats = policy.update(exp, PPOConfig(mini_batch_size=3, clip_ratio=0.2, entropy_coef=0.01), 0.0)
+    assert set(stats) == {"policy_loss", "clip_fraction", "dual_clip_fraction", "approx_kl",
+                          "entropy", "kl_loss", "policy_grad_norm", "policy_skipped_updates",
+                          "policy_nonfinite_streak"}
+    assert stats["policy_grad_norm"] > 0 and stats["policy_skipped_updates"] == 0
     assert stats["clip_fraction"] == 0.0 and stats["approx_kl"] == pytest.approx(0.0, abs=1e-8)
     assert stats["policy_loss"] == pytest.approx(-sign, abs=1e-5)  # ratio 1 on the first step
     # the objective's direction: the mean logprob of the sampled response tokens
@@ -108,10 +133,53 @@ def test_policy_update_follows_the_advantage(tiny_policy_dir, exp, sign):
     assert sign * (after - before) > 0, (before, after)
 
 
+def test_a_non_finite_update_is_skipped_counted_and_leaves_the_weights(tiny_policy_dir, exp):
+    policy = PolicyRole(tiny_policy_dir, lr=1e-3, device="cpu")
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    exp.old_logprobs = policy.logprobs(exp)
+    exp.advantages = torch.full_like(exp.old_logprobs, float("nan")) * exp.response_mask
+    stats = policy.update(exp, PPOConfig(mini_batch_size=2), 0.0)  # 2 mini-batches, both NaN
+    assert stats["policy_skipped_updates"] == 2 and stats["policy_nonfinite_streak"] == 2
+    for name, tensor in policy.model.state_dict().items():
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0, msg=name)
+    exp.advantages = exp.response_mask.float()  # a finite batch resets the streak
+    stats = policy.update(exp, PPOConfig(mini_batch_size=3), 0.0)
+    assert stats["policy_skipped_updates"] == 0 and stats["policy_nonfinite_streak"] == 0
+
+
+def test_entropy_has_a_graph_only_when_it_is_in_the_loss(tiny_policy_dir, exp, monkeypatch):
+    from rlhf_ray.rl import roles
+
+    seen: list[bool] = []
+    real = roles.entropy_from_logits
+    monkeypatch.setattr(roles, "entropy_from_logits",
+                        lambda logits: seen.append(logits.requires_grad) or real(logits))
+    policy = PolicyRole(tiny_policy_dir, lr=1e-4, device="cpu")
+    exp.old_logprobs, exp.advantages = policy.logprobs(exp), exp.response_mask.float()
+    logged = policy.update(exp, PPOConfig(mini_batch_size=3), 0.0)["entropy"]
+    used = policy.update(exp, PPOConfig(mini_batch_size=3, entropy_coef=0.01), 0.0)["entropy"]
+    assert seen == [False, True]
+    assert logged > 0 and used == pytest.approx(logged, rel=0.05)
+
+
+def test_the_gradient_clip_and_kl_loss_come_from_the_config(tiny_policy_dir, exp, monkeypatch):
+    clips: list[float] = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: clips.append(max_norm) or real(params, max_norm))
+    policy = PolicyRole(tiny_policy_dir, lr=1e-4, device="cpu")
+    exp.old_logprobs, exp.advantages = policy.logprobs(exp), exp.response_mask.float()
+    exp.ref_logprobs = exp.old_logprobs - 0.1 * exp.response_mask
+    cfg = PPOConfig(mini_batch_size=3, grad_clip=0.25, kl_mode="loss", kl_estimator="k2")
+    stats = policy.update(exp, cfg, kl_coef=0.5)
+    assert clips == [0.25]
+    assert stats["kl_loss"] == pytest.approx(0.5 * 0.1**2, rel=1e-4)  # k2 of a 0.1 log-ratio
+
+
 def test_policy_update_needs_advantages(tiny_policy_dir, exp):
     policy = PolicyRole(tiny_policy_dir, lr=1e-3, device="cpu")
     with pytest.raises(ValueError, match="old_logprobs, advantages"):
-        policy.update(exp, mini_batch_size=2, epochs=1, clip=0.2)
+        policy.update(exp, PPOConfig(mini_batch_size=2), 0.0)
 
 
 def test_policy_state_dict_has_the_folder_names(tiny_policy_dir):
@@ -151,7 +219,7 @@ def test_value_update_moves_values_toward_returns(tiny_reward_dir, exp):
     exp.returns = (exp.values + 1.0) * exp.response_mask
     mask = exp.response_mask
     before = value_loss(exp.values, exp.values, exp.returns, mask, clip=10.0).item()
-    stats = critic.update(exp, mini_batch_size=3, epochs=3, clip=10.0)
+    stats = critic.update(exp, PPOConfig(mini_batch_size=3, ppo_epochs=3, value_clip=10.0))
     assert stats["value_loss"] == pytest.approx(before, rel=0.5)  # the mean over three steps
     after_values = critic.values(exp)
     after = value_loss(after_values, exp.values, exp.returns, mask, clip=10.0).item()
@@ -172,6 +240,24 @@ def test_reward_model_scores_ignore_padding(tiny_reward_dir, exp):
         with torch.no_grad():
             alone = scalar(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, 0]
         assert scores[i].item() == pytest.approx(alone.item(), abs=1e-5)
+
+
+def test_reward_is_read_at_the_last_real_token_even_when_it_is_the_pad_id(tiny_reward_dir):
+    """A response that ends with a token equal to pad_token_id (as when eos is the pad) is scored
+    at that token, found from the attention mask; transformers' own pooling, which looks for
+    the pad id, scores the token before it."""
+    scalar = load_scalar_model(tiny_reward_dir).eval()
+    pad = scalar.config.pad_token_id
+    real = torch.tensor([[5, 6, 7, pad]])
+    padded = Experience(torch.tensor([[5, 6, 7, pad, pad, pad]]), torch.tensor([[1, 1, 1, 1, 0, 0]]),
+                        torch.zeros(1, 5), torch.tensor([True]), torch.zeros(1, 5))
+    with torch.no_grad():
+        hidden = scalar.model(input_ids=real, attention_mask=torch.ones_like(real)).last_hidden_state
+        expected = scalar.score(hidden[:, -1]).item()
+        pooled = scalar(input_ids=padded.sequences, attention_mask=padded.attention_mask).logits[0, 0]
+    score = RewardModelRole(tiny_reward_dir, device="cpu").score(padded)
+    assert score.item() == pytest.approx(expected, abs=1e-5)
+    assert pooled.item() != pytest.approx(expected, abs=1e-3)  # what the old reading gave
 
 
 def test_contains_answer():

@@ -1,14 +1,18 @@
 """The trained tokenizer: exact round trips, one set of ids in tiktoken and transformers, the chat format."""
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
-from rlhf_ray.config import GPT4_SPLIT_PATTERN
+from rlhf_ray.config import GPT4_SPLIT_PATTERN, ModelConfig
 from rlhf_ray.data.records import Message
+from rlhf_ray.modeling import new_policy, save_model
 from rlhf_ray.tokenizer import (
     END,
+    RANKS_FILE,
     SPECIAL_TOKENS,
     BPETokenizer,
     HFTokenizer,
@@ -133,6 +137,30 @@ def test_a_pretrained_models_tokenizer_serves_the_same_interface(tokenizer, save
     assert hf.render_prompt(CONVERSATION[:2]) == tokenizer.render_prompt(CONVERSATION[:2])
     assert hf.encode_document("Paris") == tokenizer.encode_document("Paris")
     assert hf.vocab_size == tokenizer.vocab_size
+
+
+def test_a_pretrained_model_stops_at_every_eos_it_lists_and_at_the_turn_end(tokenizer, saved, tmp_path):
+    """Like Llama 3 or Qwen: eos is the document end, generation_config.json lists more ids, and the
+    chat template closes assistant turns with its own token. A reply must stop at any of them."""
+    folder = tmp_path / "pretrained"
+    shutil.copytree(saved, folder)
+    (folder / RANKS_FILE).unlink()  # a folder without our ranks: loaded as a Hugging Face tokenizer
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|endoftext|>"  # not the turn end <|end|>
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    listed = [tokenizer.special_ids["<|user|>"], tokenizer.special_ids["<|system|>"]]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": listed}))
+    hf = load_tokenizer(folder)
+    assert isinstance(hf, HFTokenizer)
+    assert set(hf.stop_ids) == {tokenizer.bos_id, tokenizer.end_id, *listed}
+
+    # save_model writes every one of them back (transformers keeps the list)
+    model = new_policy(ModelConfig(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                                   intermediate_size=64, max_seq_len=64), hf)
+    save_model(model, hf, tmp_path / "model")
+    saved_eos = json.loads((tmp_path / "model" / "generation_config.json").read_text())["eos_token_id"]
+    assert sorted(saved_eos) == sorted(hf.stop_ids)
+    assert set(load_tokenizer(tmp_path / "model").stop_ids) == set(hf.stop_ids)
 
 
 def test_too_small_a_vocabulary_is_refused():

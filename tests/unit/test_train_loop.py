@@ -127,15 +127,17 @@ def test_a_conversation_longer_than_the_context_is_refused_naming_its_file_and_l
 
 
 class LastTokenReward(torch.nn.Module):
-    """A scalar model in plain torch whose reward of a sequence is the id of its last real token."""
+    """A scalar model in plain torch whose reward of a sequence is the id of its last real token:
+    each token's final hidden state is its id, and the score head multiplies it by one."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.score = torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.ones_(self.score.weight)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
-        last = input_ids.gather(1, attention_mask.sum(1, keepdim=True) - 1)
-        return SimpleNamespace(logits=last.float() * self.scale)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                output_hidden_states: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(hidden_states=[input_ids.float()[..., None]])
 
 
 def seq(*ids: int) -> np.ndarray:
