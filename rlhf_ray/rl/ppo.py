@@ -114,21 +114,17 @@ def compute_advantages(exp: Experience, scores: torch.Tensor, ppo: PPOConfig, kl
     """
     mask = exp.response_mask.float()
     trainer = exp.policy_logprobs if exp.policy_logprobs is not None else exp.sample_logprobs
-    in_reward = ppo.kl_mode == "reward"
-    penalty = kl_penalty(trainer, exp.ref_logprobs, ppo.kl_estimator) * mask if in_reward else None
-    coef = kl_coef if in_reward else 0.0
+    penalty = (kl_penalty(trainer, exp.ref_logprobs, ppo.kl_estimator) * mask
+               if ppo.kl_mode == "reward" else torch.zeros_like(mask))
     shaped = clip_rewards(unfinished_penalty(scores, exp.finished, ppo.unfinished_penalty),
                           ppo.reward_clip)
     if ppo.estimator == "gae":
-        rewards = token_rewards(shaped, penalty if penalty is not None else torch.zeros_like(mask),
-                                coef, mask)
+        rewards = token_rewards(shaped, penalty, kl_coef, mask)
         advantages, returns = gae(rewards, exp.values, mask, ppo.gamma, ppo.lam)
         exp.advantages, exp.returns = masked_whiten(advantages, mask), returns
     else:
         per_sequence = group_advantages(shaped, ppo.samples_per_prompt, ppo.estimator)
-        exp.advantages = per_sequence[:, None] * mask
-        if penalty is not None and coef:
-            exp.advantages = exp.advantages - coef * returns_to_go(penalty, mask)
+        exp.advantages = per_sequence[:, None] * mask - kl_coef * returns_to_go(penalty, mask)
     kl = (kl_penalty(trainer, exp.ref_logprobs, "k1") * mask).sum(1)
     return {"kl": kl.mean().item(), "shaped_reward_mean": shaped.mean().item()}
 

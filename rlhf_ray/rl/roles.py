@@ -199,15 +199,18 @@ class _Trainable:
         self.optimizer = _optimizer(self.model, lr)
         self.nonfinite_streak = 0  # mini-batches skipped in a row (a non-finite loss or gradient)
 
-    def _apply(self, loss: torch.Tensor, grad_clip: float, norms: list[float]) -> None:
+    def _apply(self, loss: torch.Tensor, grad_clip: float, norms: list[float]) -> bool:
+        """Step on `loss` unless it or its gradient is not finite; whether it stepped."""
         norm = _step(self.model, self.optimizer, loss, grad_clip)
         if norm is None:
             self.nonfinite_streak += 1
-        else:
-            self.nonfinite_streak = 0
-            norms.append(norm)
+            return False
+        self.nonfinite_streak = 0
+        norms.append(norm)
+        return True
 
     def _update_stats(self, role: str, norms: list[float], steps: int) -> dict[str, float]:
+        """The gradient norm's mean over the steps taken, and the mini-batches skipped."""
         return {f"{role}_grad_norm": sum(norms) / max(len(norms), 1),
                 f"{role}_skipped_updates": float(steps - len(norms)),
                 f"{role}_nonfinite_streak": float(self.nonfinite_streak)}
@@ -275,11 +278,11 @@ class PolicyRole(_Trainable):
                     kl = kl_loss(logprobs, mb.ref_logprobs, mb.response_mask, ppo.kl_estimator)
                     total = total + kl_coef * kl
                     stats["kl_loss"] = kl.detach()
-                self._apply(total, ppo.grad_clip, norms)
-                for key, value in stats.items():
-                    totals[key] += value.item()
+                if self._apply(total, ppo.grad_clip, norms):  # a skipped one's stats are nan
+                    for key, value in stats.items():
+                        totals[key] += value.item()
                 steps += 1
-        out = {key: value / max(steps, 1) for key, value in totals.items()}
+        out = {key: value / max(len(norms), 1) for key, value in totals.items()}
         return out | self._update_stats("policy", norms, steps)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -311,10 +314,10 @@ class ValueRole(_Trainable):
                 with _autocast(self.device, self.bf16):
                     values = token_values(self.model, mb.sequences, mb.attention_mask)
                 loss = value_loss(values, mb.values, mb.returns, mb.response_mask, ppo.value_clip)
-                self._apply(loss, ppo.grad_clip, norms)
-                total += loss.item()
+                if self._apply(loss, ppo.grad_clip, norms):
+                    total += loss.item()
                 steps += 1
-        return {"value_loss": total / max(steps, 1)} | self._update_stats("value", norms, steps)
+        return {"value_loss": total / max(len(norms), 1)} | self._update_stats("value", norms, steps)
 
 
 class ReferenceRole:

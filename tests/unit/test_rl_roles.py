@@ -140,6 +140,7 @@ def test_a_non_finite_update_is_skipped_counted_and_leaves_the_weights(tiny_poli
     exp.advantages = torch.full_like(exp.old_logprobs, float("nan")) * exp.response_mask
     stats = policy.update(exp, PPOConfig(mini_batch_size=2), 0.0)  # 2 mini-batches, both NaN
     assert stats["policy_skipped_updates"] == 2 and stats["policy_nonfinite_streak"] == 2
+    assert stats["policy_loss"] == 0.0  # the means are over the updates taken: none
     for name, tensor in policy.model.state_dict().items():
         torch.testing.assert_close(tensor, before[name], rtol=0, atol=0, msg=name)
     exp.advantages = exp.response_mask.float()  # a finite batch resets the streak
