@@ -117,15 +117,18 @@ def rollout_sequences(ppo: PPOConfig) -> int:
     return engine_sequences(math.ceil(most / ppo.num_rollout_engines))
 
 
-def vllm_memory_args(folder: Path, kv: KVCacheConfig, sequences: int, dtype: str) -> dict[str, int | float]:
+def vllm_memory_args(folder: Path, kv: KVCacheConfig, sequences: int, dtype: str,
+                     seq_len: int | None = None) -> dict[str, int | float]:
     """The engine arguments that size an engine on `folder`'s model for `sequences` at once, each
-    up to the model's context: kv_cache_memory_bytes (or the explicit fraction) and max_num_seqs."""
+    up to `seq_len` tokens (the engine's max_model_len; default the model's context):
+    kv_cache_memory_bytes (or the explicit fraction) and max_num_seqs."""
     sequences = engine_sequences(sequences)
     if kv.memory_fraction is not None:
         return {"gpu_memory_utilization": kv.memory_fraction, "max_num_seqs": sequences}
     s = shape_from_folder(folder)
     dtype_bytes = 4 if dtype == "float32" else 2
-    return {"kv_cache_memory_bytes": kv_cache_bytes(s, dtype_bytes, sequences, s.max_seq_len, kv),
+    length = seq_len or s.max_seq_len
+    return {"kv_cache_memory_bytes": kv_cache_bytes(s, dtype_bytes, sequences, length, kv),
             "max_num_seqs": sequences}
 
 

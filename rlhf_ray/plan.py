@@ -189,7 +189,7 @@ def ppo_stage(cfg: RunConfig, s: ModelShape, gpu: float, prompt_tokens: int | No
     tp, engines, rollout = res.tensor_parallel_size, ppo.num_rollout_engines, res.rollout
     dtype = 2 if ppo.rollout_dtype == "bfloat16" or (ppo.rollout_dtype == "auto" and rollout.num_gpus) else 4
     roles = [_vllm("rollout", f"{engines} x {_bundle(rollout.num_cpus, rollout.num_gpus * tp)} tp {tp}",
-                   rollout.num_gpus, s, lm, dtype, rollout_sequences(ppo), gpu, ppo.kv_cache, "ppo",
+                   rollout.num_gpus, s, lm, dtype, rollout_sequences(ppo), seq, gpu, ppo.kv_cache, "ppo",
                    "ppo.prompts_per_step / eval_max_prompts", tp, engines)]
 
     def role(name: str, params: int, logits: int | None, trained: bool) -> RoleMemory:
@@ -222,16 +222,16 @@ def ppo_stage(cfg: RunConfig, s: ModelShape, gpu: float, prompt_tokens: int | No
 
 
 def _vllm(role: str, placement: str, gpus: float, s: ModelShape, params: int, dtype: int, seqs: int,
-          gpu: float, kv: KVCacheConfig, section: str, knob: str, tp: int | None = None,
+          seq: int, gpu: float, kv: KVCacheConfig, section: str, knob: str, tp: int | None = None,
           count: int = 1) -> RoleMemory:
     """A vLLM engine (on `gpus` GPUs each, 0 on a CPU): its 1/tp of the weights and of the KV
-    cache it asks for (memory.kv_cache_bytes: `seqs` full-context sequences at once, at most
+    cache it asks for (memory.kv_cache_bytes: `seqs` sequences of `seq` tokens at once, at most
     vLLM's batch). With kv.memory_fraction the engine takes that share of the GPU instead."""
     n = tp if gpus and tp else 1
     at_once = engine_sequences(seqs)
-    weights, seq_kv = params * dtype, kv_bytes_per_token(s, dtype) * s.max_seq_len
+    weights, seq_kv = params * dtype, kv_bytes_per_token(s, dtype) * seq
     fraction = kv.memory_fraction
-    cache = seq_kv * at_once if fraction is not None else kv_cache_bytes(s, dtype, at_once, s.max_seq_len, kv)
+    cache = seq_kv * at_once if fraction is not None else kv_cache_bytes(s, dtype, at_once, seq, kv)
     r = RoleMemory(role, placement, weights / n, kv_cache=cache / n, count=count, engine=True)
     if not gpus:
         return r
@@ -254,7 +254,7 @@ def _vllm(role: str, placement: str, gpus: float, s: ModelShape, params: int, dt
         r.fits = fraction is not None  # an explicit cache larger than the GPU does not start
         r.note = f"KV cache holds ~{room} of {at_once} sequences at once: "
     else:
-        r.note = f"weights + one {s.max_seq_len}-token sequence exceed {r.budget / GB:.1f} GB: "
+        r.note = f"weights + one {seq}-token sequence exceed {r.budget / GB:.1f} GB: "
     r.note += " or ".join(fixes) or f"no {gpu / GB:g} GB GPU holds it (no tensor parallelism)"
     return r
 
@@ -268,7 +268,7 @@ def serve_stage(cfg: RunConfig, s: ModelShape, gpu: float) -> StagePlan:
     on_gpu, replicas = bool(sv.gpus_per_replica), len(chat) * sv.max_replicas
     bundle = f"{replicas} x {_bundle(sv.cpus_per_replica, sv.gpus_per_replica)}"
     roles = [_vllm(f"{'/'.join(chat)} replica", bundle, sv.gpus_per_replica, s, count_params(s),
-                   2 if on_gpu else 4, sv.max_ongoing_requests, gpu, sv.kv_cache, "serve",
+                   2 if on_gpu else 4, sv.max_ongoing_requests, s.max_seq_len, gpu, sv.kv_cache, "serve",
                    "serve.max_ongoing_requests", count=replicas)
              ] if chat else []
     if "reward" in sv.stages:
@@ -278,18 +278,20 @@ def serve_stage(cfg: RunConfig, s: ModelShape, gpu: float) -> StagePlan:
     return StagePlan("serve", roles, gpus_for([sv.gpus_per_replica] * replicas), cpus, s.max_seq_len)
 
 
-def compare_stage(cfg: RunConfig, s: ModelShape, gpu: float) -> StagePlan:
-    """compare/collect.py: `num_engines` vLLM engines sampling from sft/ (float32 on a CPU)."""
+def compare_stage(cfg: RunConfig, s: ModelShape, gpu: float, prompt_tokens: int | None) -> StagePlan:
+    """compare/collect.py: `num_engines` vLLM engines sampling from sft/ (float32 on a CPU),
+    each sequence the longest prompt (default: what the context leaves) + max_new_tokens."""
     c = cfg.compare
     assert c is not None
+    seq = s.max_seq_len if prompt_tokens is None else prompt_tokens + c.max_new_tokens
     res, on_gpu = c.engine, bool(c.engine.num_gpus)
     prompts = c.max_prompts or MAX_ENGINE_SEQUENCES  # the prompt files are not read here
     engine = _vllm("sampling engine", f"{c.num_engines} x {_bundle(res.num_cpus, res.num_gpus)}",
                    res.num_gpus, s, count_params(s), 2 if on_gpu else 4,
-                   math.ceil(prompts * c.samples_per_prompt / c.num_engines), gpu, c.kv_cache,
+                   math.ceil(prompts * c.samples_per_prompt / c.num_engines), seq, gpu, c.kv_cache,
                    "compare", "compare.num_engines", count=c.num_engines)
     return StagePlan("compare", [engine], gpus_for([res.num_gpus] * c.num_engines),
-                     res.num_cpus * c.num_engines, s.max_seq_len)
+                     res.num_cpus * c.num_engines, seq)
 
 
 def gpus_for(bundles: list[float]) -> int:
@@ -319,18 +321,20 @@ def plan_run(cfg: RunConfig, gpu_memory_gb: float = 80.0, prompt_tokens: int | N
                train_stage("reward", cfg.reward, s, scalar, cfg.model.max_seq_len, gpu, 2, None),
                ppo_stage(cfg, s, gpu, prompt_tokens)]
     if cfg.compare is not None:  # pipeline.py: between SFT and the reward model
-        stages.insert(-2, compare_stage(cfg, s, gpu))
+        stages.insert(-2, compare_stage(cfg, s, gpu, prompt_tokens))
     serve = serve_stage(cfg, s, gpu)
     return Plan(s, lm, gpu_memory_gb, stages + [serve], max(st.gpus for st in stages), serve.gpus)
 
 
-def check_fits_here(cfg: RunConfig, stage: str, model_dir: Path) -> None:
+def check_fits_here(cfg: RunConfig, stage: str, model_dir: Path, prompt_tokens: int | None = None
+                    ) -> None:
     """Before `stage` ('ppo', 'compare' or 'serve') starts its engines and roles on this machine
     (the embedded local Ray): each role's host memory in the plan, with its processes, against
-    what the machine has. Roles on GPUs are left to the GPU budget the plan checks."""
+    what the machine has. Roles on GPUs are left to the GPU budget the plan checks.
+    `prompt_tokens`: the stage's longest prompt, when it has read them."""
     s = shape_from_folder(model_dir)
-    plans = {"ppo": lambda: ppo_stage(cfg, s, 80 * GB, None),
-             "compare": lambda: compare_stage(cfg, s, 80 * GB),
+    plans = {"ppo": lambda: ppo_stage(cfg, s, 80 * GB, prompt_tokens),
+             "compare": lambda: compare_stage(cfg, s, 80 * GB, prompt_tokens),
              "serve": lambda: serve_stage(cfg, s, 80 * GB)}
     needs: dict[str, float] = {}
     kv: dict[str, int] = {}

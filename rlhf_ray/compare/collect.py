@@ -75,7 +75,7 @@ def sample_candidates(cfg: RunConfig, prompts: list[PromptRecord], log: Log) -> 
                              "compare.max_new_tokens")
     k, engines = settings.samples_per_prompt, settings.num_engines
     if not cluster.joins_cluster(cfg.cluster):
-        check_fits_here(cfg, "compare", sft)
+        check_fits_here(cfg, "compare", sft, max(map(len, encoded)))
     engine = cluster.bundle(settings.engine.num_cpus, settings.engine.num_gpus)
     # Each prompt K times, dealt round-robin over the engines; sample j of prompt i has seed
     # cfg.seed + i*K + j, so the draw does not depend on the number of engines.
@@ -88,7 +88,8 @@ def sample_candidates(cfg: RunConfig, prompts: list[PromptRecord], log: Log) -> 
             runtime_env=ACTOR_ENV,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_bundle_index=i),
-        ).remote(sft, max_model_len=max_len, sequences=len(shares[i]), kv_cache=settings.kv_cache,
+        ).remote(sft, max_model_len=max(map(len, encoded)) + settings.max_new_tokens,
+                 sequences=len(shares[i]), kv_cache=settings.kv_cache,
                  seed=cfg.seed, role=f"sampling engine {i}") for i in range(engines)]
         futures = [actor.generate.remote(
             [encoded[i] for i, _ in share], settings.max_new_tokens, settings.temperature,

@@ -174,6 +174,8 @@ class PPOTrainer:
         self.eval_prompts = (load_prompts(eval_files, self.tokenizer, ppo.max_new_tokens,
                                           self.max_len, "rl_eval")[: ppo.eval_max_prompts]
                              if eval_files else [])
+        # The engines never see more than this: their KV cache is sized for it, not the context.
+        self.engine_len = max(len(p.ids) for p in self.prompts + self.eval_prompts) + ppo.max_new_tokens
         self.reward_fn: FunctionReward | HTTPReward | None = None
         if ppo.reward_source == "function":
             self.reward_fn = FunctionReward.from_spec(ppo.reward_function or "")
@@ -196,7 +198,7 @@ class PPOTrainer:
         if not ray.is_initialized():
             raise RuntimeError("PPOTrainer needs a connected Ray (rlhf_ray.cluster.connect)")
         if not joins_cluster(cfg.cluster):  # every role on this machine: refuse what cannot fit
-            check_fits_here(cfg, "ppo", self.sft_dir)
+            check_fits_here(cfg, "ppo", self.sft_dir, self.engine_len - ppo.max_new_tokens)
         self.placement = actors.reserve(ppo, roles)
         self.engines: list[Any] = []
         self.policy = self.reference = self.value = self.reward_model = None
@@ -226,7 +228,7 @@ class PPOTrainer:
 
     def _start_engine(self, index: int, model_dir: Path, version: int) -> Any:
         return actors.start_rollout(self.placement, f"rollout{index}", self.ppo, model_dir,
-                                    self.max_len, seed=self.cfg.seed + index, version=version)
+                                    self.engine_len, seed=self.cfg.seed + index, version=version)
 
     # ----------------------------------------------------------------------- rollouts
 

@@ -55,12 +55,13 @@ class RolloutEngine:
                  kv_cache: KVCacheConfig | None = None, seed: int = 0, dtype: str = "float32",
                  tensor_parallel_size: int = 1, weight_version: int = 0, role: str = "rollout engine"
                  ) -> None:
-        # The KV cache holds `sequences` full-context sequences at once (rlhf_ray/memory.py).
+        # The KV cache holds `sequences` of up to max_model_len tokens at once (rlhf_ray/memory.py).
         # Tensor parallelism runs vLLM's own worker processes over the GPUs Ray gave this engine.
         self.stop_ids = list(load_tokenizer(Path(model_dir)).stop_ids)
         if dtype == "auto":  # decided here, on the engine's machine, not on the driver's
             dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-        memory = vllm_memory_args(Path(model_dir), kv_cache or KVCacheConfig(), sequences, dtype)
+        memory = vllm_memory_args(Path(model_dir), kv_cache or KVCacheConfig(), sequences, dtype,
+                                  max_model_len)
         if "kv_cache_memory_bytes" in memory and not torch.cuda.is_available():
             check_kv_fits(role, int(memory["kv_cache_memory_bytes"]))
         self.kv_cache_bytes = memory.get("kv_cache_memory_bytes")

@@ -55,6 +55,10 @@ def test_engines_are_given_bytes_and_a_batch_limit_and_a_fraction_only_when_aske
     folder = _folder(tmp_path, DEMO)
     assert vllm_memory_args(folder, KVCacheConfig(), 64, "float32") == {
         "kv_cache_memory_bytes": 154 * 128 * DEMO_PER_TOKEN, "max_num_seqs": 64}
+    # an engine that never sees more than 100 tokens (the longest prompt + max_new_tokens; its
+    # max_model_len) needs one block per sequence, not the context's two: 64 x 1.2 -> 77 blocks
+    assert vllm_memory_args(folder, KVCacheConfig(), 64, "float32", seq_len=100)[
+        "kv_cache_memory_bytes"] == 77 * 128 * DEMO_PER_TOKEN
     # more than vLLM's batch of 256 wait their turn: the cache is sized for 256
     assert vllm_memory_args(folder, KVCacheConfig(), 5000, "bfloat16")["max_num_seqs"] == 256
     assert vllm_memory_args(folder, KVCacheConfig(memory_fraction=0.3), 8, "float32") == {
