@@ -139,6 +139,15 @@ def _train_pretrain(runs: Path, steps: int, overrides: list[str] = ()) -> Path:
     return cfg.run_dir
 
 
+def _cmdline(process: psutil.Process) -> list[str]:
+    """A child's command line; empty for one that exited since it was listed (Ray starts and
+    ends helper processes all the time)."""
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
 def _kill_a_worker_after(metrics_path: Path, step: int, training_done: threading.Event,
                          timeout: float = 1800) -> str:
     """Kill a Ray Train worker once the run's metrics reach `step`; waits on the run itself (a
@@ -150,7 +159,7 @@ def _kill_a_worker_after(metrics_path: Path, step: int, training_done: threading
         if steps >= step:
             # Only this test's Ray (started by this process) counts: other Ray runs may share the machine.
             workers = [p for p in psutil.Process().children(recursive=True)
-                       if "RayTrainWorker" in " ".join(p.cmdline())]
+                       if "RayTrainWorker" in " ".join(_cmdline(p))]
             if workers:
                 os.kill(workers[-1].pid, signal.SIGKILL)
                 return f"killed {workers[-1].pid} after step {steps}"
@@ -164,8 +173,13 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_losing_and_repeating_n
     killer_result: list[str] = []
     metrics_path = tmp_path / "killed" / "test" / "metrics" / "pretrain.jsonl"
     done = threading.Event()
-    killer = threading.Thread(target=lambda: killer_result.append(
-        _kill_a_worker_after(metrics_path, 45, done)))
+    def kill() -> None:
+        try:
+            killer_result.append(_kill_a_worker_after(metrics_path, 45, done))
+        except Exception as e:  # reported by the assertion below, not lost in the thread
+            killer_result.append(f"the killer failed: {e!r}")
+
+    killer = threading.Thread(target=kill)
     killer.start()
     try:
         killed = _train_pretrain(tmp_path / "killed", steps)
