@@ -274,9 +274,37 @@ class RoleResources(Section):
     )
 
 
-def _role(num_cpus: float = 0.25, threads: int | None = None) -> Any:
-    return Field(default_factory=lambda: RoleResources(num_cpus=num_cpus, threads=threads),
-                 description="Ray resources of this role.")
+class TrainedRoleResources(RoleResources):
+    """A trained PPO role (policy, value): `num_workers` actors, one torch.distributed group."""
+
+    num_workers: int = Field(
+        1, ge=1, description="Ray actors that train this role together, one bundle each, joined "
+        "in one torch.distributed group (gloo on CPU, NCCL on GPU); each takes its share of every "
+        "batch and mini-batch, and all take the same optimizer steps.",
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every worker holds the whole model, gradients are averaged. fsdp: "
+        "parameters, gradients and optimizer state are sharded over the workers (FSDP2, one unit "
+        "per decoder layer), for models that do not fit one device.",
+    )
+
+
+class FrozenRoleResources(RoleResources):
+    """A frozen PPO role (reference, reward model): replicas that split each batch's forward."""
+
+    num_replicas: int = Field(
+        1, ge=1, description="Ray actors that split each batch's forward pass (data parallel).",
+    )
+    strategy: Literal["replicate", "fsdp"] = Field(
+        "replicate", description="replicate: every replica holds the whole model. fsdp: the "
+        "replicas hold shards and gather each layer for the forward (a model too large for one "
+        "device).",
+    )
+
+
+def _role(kind: type[RoleResources], num_cpus: float = 0.25) -> Any:
+    return Field(default_factory=lambda: kind(num_cpus=num_cpus),
+                 description="Ray resources of this role (per actor).")
 
 
 class PPOResources(Section):
@@ -290,10 +318,10 @@ class PPOResources(Section):
     tensor_parallel_size: int = Field(
         1, ge=1, description="GPUs each rollout engine shards the policy over (GPU only)."
     )
-    policy: RoleResources = _role(0.5)
-    value: RoleResources = _role()
-    reference: RoleResources = _role(0.125)
-    reward: RoleResources = _role(0.125)
+    policy: TrainedRoleResources = _role(TrainedRoleResources, 0.5)
+    value: TrainedRoleResources = _role(TrainedRoleResources)
+    reference: FrozenRoleResources = _role(FrozenRoleResources, 0.125)
+    reward: FrozenRoleResources = _role(FrozenRoleResources, 0.125)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK"] = Field(
         "PACK", description="Ray placement-group strategy for the roles' bundles."
     )
@@ -404,6 +432,14 @@ class PPOConfig(_NoFraction):
     )
     engine_restarts: int = Field(
         2, ge=0, description="Rollout engines restarted (and re-synced) after dying, per run."
+    )
+    role_restarts: int = Field(
+        1, ge=0, description="Times per run the roles are recreated from the last checkpoint "
+        "after a policy, value, reference or reward worker dies.",
+    )
+    sync_bucket_mb: float = Field(
+        256.0, gt=0, description="Weight sync sends the policy's parameters to the engines in "
+        "buckets of about this size: no process holds more of a gathered sharded model.",
     )
     resources: PPOResources = Field(default_factory=PPOResources, description="Role placement.")
 

@@ -1,7 +1,8 @@
 """The PPO roles as Ray actors, placed together in one placement group.
 
 Each actor is `ray.remote` of a plain class from `roles.py` or `rollout.py`; this module adds only
-where they run. All bundles are reserved at once, so a job never holds half of its roles while
+where they run. A role of N workers (or replicas) is N actors with a bundle each, started as one
+`RoleGroup`; its bundles are named 'policy0', 'policy1', ... like the engines' 'rollout0', .... All bundles are reserved at once, so a job never holds half of its roles while
 it waits for the rest, and an autoscaler sees the whole demand; if the cluster cannot provide
 them within `placement_timeout_s`, the error says what was asked and what the cluster has.
 """
@@ -18,8 +19,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray import cluster
 from rlhf_ray.cluster import ACTOR_ENV, bundle, torch_threads
-from rlhf_ray.config import PPOConfig, RoleResources
+from rlhf_ray.config import FrozenRoleResources, PPOConfig, RoleResources, TrainedRoleResources
 from rlhf_ray.memory import rollout_sequences
+from rlhf_ray.rl.group import RoleGroup
 from rlhf_ray.rl.roles import PolicyRole, ReferenceRole, RewardModelRole, ValueRole
 from rlhf_ray.rl.rollout import RolloutActor
 
@@ -49,18 +51,38 @@ class Placement:
         remove_placement_group(self.group)
 
 
+def workers(res: RoleResources) -> int:
+    """How many actors a role's resources ask for."""
+    if isinstance(res, TrainedRoleResources):
+        return res.num_workers
+    if isinstance(res, FrozenRoleResources):
+        return res.num_replicas
+    return 1
+
+
+def bundle_names(ppo: PPOConfig, roles: list[str]) -> list[str]:
+    """One bundle per engine and per worker of each role: 'rollout0', ..., 'policy0', ...."""
+    names = [f"rollout{i}" for i in range(ppo.num_rollout_engines)] if "rollout" in roles else []
+    for role in roles:
+        if role != "rollout":
+            names += [f"{role}{i}" for i in range(workers(getattr(ppo.resources, role)))]
+    return names
+
+
 def reserve(ppo: PPOConfig, roles: list[str]) -> Placement:
-    """Reserve a bundle per role ('rollout0', 'rollout1', ..., 'policy', ...) and wait for them."""
+    """Reserve the bundles of `roles` ('rollout', 'policy', ...) and wait for them."""
     res = ppo.resources
     bundles, index = [], {}
-    for role in roles:
-        index[role] = len(bundles)
-        engine = role.startswith("rollout")  # an engine's GPUs are multiplied by its TP size
-        own: RoleResources = res.rollout if engine else getattr(res, role)
-        bundles.append(bundle(own.num_cpus, own.num_gpus * (res.tensor_parallel_size if engine else 1)))
-    names = ", ".join(roles)
-    group = cluster.reserve(f"PPO roles ({names})", bundles, res.placement_strategy,
-                    res.placement_timeout_s, log=lambda m: print(f"[ppo] {m}", flush=True))
+    names = bundle_names(ppo, roles)
+    for name in names:
+        index[name] = len(bundles)
+        role = name.rstrip("0123456789")
+        own: RoleResources = getattr(res, role)
+        # an engine's GPUs are multiplied by its TP size
+        bundles.append(bundle(own.num_cpus, own.num_gpus * (res.tensor_parallel_size if role == "rollout" else 1)))
+    group = cluster.reserve(f"PPO roles ({', '.join(roles)}: {len(names)} bundles)", bundles,
+                            res.placement_strategy, res.placement_timeout_s,
+                            log=lambda m: print(f"[ppo] {m}", flush=True))
     return Placement(group, index)
 
 
@@ -76,11 +98,14 @@ def start_rollout(placement: Placement, role: str, ppo: PPOConfig, model_dir: Pa
 
 
 def start_role(placement: Placement, role: str, ppo: PPOConfig, model_dir: Path,
-               lr: float | None = None) -> Any:
-    res: RoleResources = getattr(ppo.resources, role)
+               lr: float | None = None) -> RoleGroup:
+    """The role's workers in their bundles, joined in their group."""
+    res: TrainedRoleResources | FrozenRoleResources = getattr(ppo.resources, role)
     actor_class = {"policy": PolicyActor, "value": ValueActor, "reference": ReferenceActor,
                    "reward": RewardActor}[role]
-    kwargs: dict[str, Any] = {"precision": ppo.precision, "threads": torch_threads(res)}
+    kwargs: dict[str, Any] = {"precision": ppo.precision, "threads": torch_threads(res),
+                              "strategy": res.strategy}
     if lr is not None:
         kwargs["lr"] = lr
-    return actor_class.options(**placement.options(role, res)).remote(model_dir, **kwargs)
+    options = [placement.options(f"{role}{rank}", res) for rank in range(workers(res))]
+    return RoleGroup.start(role, actor_class, options, model_dir=model_dir, **kwargs)

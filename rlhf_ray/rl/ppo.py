@@ -5,6 +5,12 @@ reference logprobs, values and rewards, computed by their actors in parallel)  -
 (GAE, or a GRPO/RLOO group baseline) on the controller  ->  PPO epochs of the policy and value
 actors in parallel  ->  weight sync into every engine, under a new version number.
 
+Each model role is a `RoleGroup` (rl/group.py) of one or more workers: the policy and value
+train as DDP or FSDP groups, the reference and reward model split each batch over replicas.
+The weights reach the engines streamed in buckets over a torch.distributed group of the
+policy's rank 0 and every engine worker (rl/weight_sync.py); where that group cannot be formed,
+as one blob through Ray's object store (the log says which).
+
 The controller holds no model; it moves `Experience` batches between actors through Ray's object
 store. The prompts of a step are a pure function of (seed, step), so a checkpoint's step is also
 its data position:
@@ -34,6 +40,7 @@ from rlhf_ray.data.records import PromptRecord
 from rlhf_ray.modeling import check_model_folder, model_max_len
 from rlhf_ray.plan import check_fits_here
 from rlhf_ray.rl import actors
+from rlhf_ray.rl.group import Pending, RoleGroup, get_all
 from rlhf_ray.rl.algorithms import (
     KLController,
     clip_rewards,
@@ -193,7 +200,7 @@ class PPOTrainer:
                      else self.reward_dir if self.reward_dir.exists() else self.sft_dir)
 
         self.uses_value = ppo.estimator == "gae"
-        roles = [f"rollout{i}" for i in range(ppo.num_rollout_engines)] + ["policy", "reference"]
+        roles = ["rollout", "policy", "reference"]
         roles += ["value"] * self.uses_value + ["reward"] * (ppo.reward_source == "model")
         if not ray.is_initialized():
             raise RuntimeError("PPOTrainer needs a connected Ray (rlhf_ray.cluster.connect)")
@@ -201,7 +208,9 @@ class PPOTrainer:
             check_fits_here(cfg, "ppo", self.sft_dir, self.engine_len - ppo.max_new_tokens)
         self.placement = actors.reserve(ppo, roles)
         self.engines: list[Any] = []
-        self.policy = self.reference = self.value = self.reward_model = None
+        self.policy: RoleGroup | None = None
+        self.reference = self.value = self.reward_model = None
+        self.streamed = False  # whether the weight sync streams over a torch.distributed group
         try:
             self.engines = [self._start_engine(i, policy_dir, self.version)
                             for i in range(ppo.num_rollout_engines)]
@@ -211,20 +220,23 @@ class PPOTrainer:
                 self.value = actors.start_role(self.placement, "value", ppo, value_dir, ppo.value_lr)
             if ppo.reward_source == "model":
                 self.reward_model = actors.start_role(self.placement, "reward", ppo, self.reward_dir)
-            ray.get([a.ready.remote() for a in self._actors()])  # construction errors surface here
+            get_all([e.ready.remote() for e in self.engines])  # construction errors surface here
             if checkpoint:
-                ray.get([self.policy.load_optimizer.remote(checkpoint / "policy_optim.pt")]
-                        + ([self.value.load_optimizer.remote(checkpoint / "value_optim.pt")]
-                           if self.value else []))
+                for role in self._trained():
+                    role.each("load_optimizer", checkpoint / f"{role.name}_optim.pt").get()
+            self.engine_dtype = ray.get(self.engines[0].weights_dtype.remote())
+            self.join_weight_sync()
         except BaseException:
             self.close()
             raise
         if checkpoint:
             log(f"resumed from {checkpoint} (step {self.start_step}, kl_coef {self.kl.value:.4g})")
 
-    def _actors(self) -> list[Any]:
-        return [a for a in [*self.engines, self.policy, self.reference, self.value,
-                            self.reward_model] if a is not None]
+    def _groups(self) -> list[RoleGroup]:
+        return [g for g in (self.policy, self.reference, self.value, self.reward_model) if g]
+
+    def _trained(self) -> list[RoleGroup]:
+        return [g for g in (self.policy, self.value) if g]
 
     def _start_engine(self, index: int, model_dir: Path, version: int) -> Any:
         return actors.start_rollout(self.placement, f"rollout{index}", self.ppo, model_dir,
@@ -265,21 +277,59 @@ class PPOTrainer:
             self.log(f"rollout engine {i} died; restarting it with weight version {self.version}")
             ray.kill(engine)
             self.engines[i] = self._start_engine(i, self.sft_dir, 0)
-            ray.get(self.engines[i].load_weights.remote(self.policy.state_dict.remote(),
-                                                        self.version))
+            ray.get(self.engines[i].ready.remote())
+        self.join_weight_sync()  # a group with a dead member is of no use: all join a new one
+        self.send_weights(self.version)
+
+    # ----------------------------------------------------------------------- weight sync
+
+    def join_weight_sync(self) -> None:
+        """Form the weight-sync group of the policy's rank 0 and every engine worker; where it
+        cannot be formed, the weights go through Ray's object store. The log says which."""
+        res = self.ppo.resources
+        tp = res.tensor_parallel_size
+        world = 1 + len(self.engines) * tp
+        backend = "nccl" if res.policy.num_gpus > 0 and res.rollout.num_gpus > 0 else "gloo"
+        assert self.policy is not None
+        try:
+            host, port = self.policy.first("node_address").get()
+            joins = [self.policy.first("join_weight_sync", host, port, world, backend).refs[0]]
+            joins += [e.join_weight_sync.remote(host, port, 1 + i * tp, world, backend)
+                      for i, e in enumerate(self.engines)]
+            get_all(joins, timeout=300)
+        except Exception as e:  # noqa: BLE001 - any failure leaves the object-store path
+            self.streamed = False
+            self.log(f"weight sync: no torch.distributed group could be formed ({e}); the "
+                     "weights go to the engines through Ray's object store")
+            return
+        self.streamed = True
+        self.log(f"weight sync: streamed over {backend} from the policy's rank 0 to {world - 1} "
+                 f"engine workers in buckets of {self.ppo.sync_bucket_mb:g} MB")
+
+    def send_weights(self, version: int) -> None:
+        """Put the policy's current weights into every engine as `version`."""
+        assert self.policy is not None
+        if self.streamed:
+            bucket = int(self.ppo.sync_bucket_mb * 2**20)
+            sent = self.policy.each("send_weights", bucket, self.engine_dtype)
+            get_all([e.receive_weights.remote(version) for e in self.engines] + sent.refs)
+        else:
+            state = self.policy.each("state_dict")  # gathered on rank 0 once, shared by all
+            get_all([e.load_weights.remote(state.refs[0], version) for e in self.engines]
+                    + state.refs)
 
     def sync_weights(self) -> None:
         """Send the policy's weights to every engine as the next version."""
         self.version += 1
-        state = self.policy.state_dict.remote()  # fetched from the policy once, shared by all
-        ray.get([e.load_weights.remote(state, self.version) for e in self.engines])
+        self.send_weights(self.version)
 
     # ----------------------------------------------------------------------- scoring
 
-    def score(self, exp_ref: Any, rollouts: list[Rollout], prompts: list[Prompt]) -> Any:
-        """The sequence scores (B,), or an ObjectRef of them when the reward model computes them."""
+    def score(self, exp_ref: Any, rollouts: list[Rollout], prompts: list[Prompt]
+              ) -> torch.Tensor | Pending:
+        """The sequence scores (B,), or their Pending when the reward model computes them."""
         if self.reward_model is not None:
-            return self.reward_model.score.remote(exp_ref)
+            return self.reward_model.rows("score", exp_ref)
         assert self.reward_fn is not None
         texts = [self.response_text(r) for r in rollouts]
         return self.reward_fn.score(texts, [p.ground_truth for p in prompts],
@@ -307,15 +357,15 @@ class PPOTrainer:
         exp = pack_rollouts(rollouts, self.tokenizer.pad_id, ppo.temperature)
         exp_ref = ray.put(exp)
         recompute = needs_policy_pass(ppo)
-        calls = {"ref_logprobs": self.reference.logprobs.remote(exp_ref)}
+        calls = {"ref_logprobs": self.reference.rows("logprobs", exp_ref)}
         if recompute:
-            calls["policy_logprobs"] = self.policy.logprobs.remote(exp_ref)
+            calls["policy_logprobs"] = self.policy.rows("logprobs", exp_ref)
         if self.value is not None:
-            calls["values"] = self.value.values.remote(exp_ref)
+            calls["values"] = self.value.rows("values", exp_ref)
         scores = self.score(exp_ref, rollouts, batch)
-        if isinstance(scores, ray.ObjectRef):
+        if isinstance(scores, Pending):
             calls["scores"] = scores
-        results = dict(zip(calls, ray.get(list(calls.values()))))
+        results = {name: pending.get() for name, pending in calls.items()}  # all in flight
         exp.ref_logprobs = results["ref_logprobs"]
         exp.policy_logprobs = results.get("policy_logprobs")
         exp.values = results.get("values")
@@ -335,12 +385,13 @@ class PPOTrainer:
         t2 = time.perf_counter()
 
         exp_ref = ray.put(exp)
-        updates = [self.policy.update.remote(exp_ref, ppo, self.kl.value)]
+        seed = self.cfg.seed * 1_000_003 + step  # the mini-batches' order, the same on every rank
+        updates = [self.policy.each("update", exp_ref, ppo, self.kl.value, seed)]
         if self.value is not None:
-            updates.append(self.value.update.remote(exp_ref, ppo))
+            updates.append(self.value.each("update", exp_ref, ppo, seed))
         losses: dict[str, float] = {}
-        for result in ray.get(updates):
-            losses.update(result)
+        for update in updates:
+            losses.update(update.get())
         check_finite_updates(losses, ppo.max_nonfinite_updates, step + 1)
         t3 = time.perf_counter()
         self.sync_weights()
@@ -386,8 +437,8 @@ class PPOTrainer:
             exp = pack_rollouts(rollouts, self.tokenizer.pad_id, temperature)
             exp_ref = ray.put(exp)
             scores = self.score(exp_ref, rollouts, prompts)
-            if isinstance(scores, ray.ObjectRef):
-                scores = ray.get(scores)
+            if isinstance(scores, Pending):
+                scores = scores.get()
             mask = exp.response_mask.float()
             result[f"eval_reward_{name}"] = scores.mean().item()
             result[f"eval_length_{name}"] = mask.sum(1).mean().item()
@@ -397,8 +448,9 @@ class PPOTrainer:
                 if scored:
                     result["eval_exact_match"] = sum(contains_answer(t, g) for t, g in scored) / len(scored)
             else:  # the k1 estimate is unbiased only on the policy's own samples
-                policy_lp, ref_lp = ray.get([self.policy.logprobs.remote(exp_ref),
-                                             self.reference.logprobs.remote(exp_ref)])
+                policy_lp, ref_lp = (self.policy.rows("logprobs", exp_ref),
+                                     self.reference.rows("logprobs", exp_ref))
+                policy_lp, ref_lp = policy_lp.get(), ref_lp.get()
                 result["eval_kl"] = ((policy_lp - ref_lp) * mask).sum(1).mean().item()
         return result
 
@@ -406,12 +458,11 @@ class PPOTrainer:
         """Everything a resume needs, written atomically; older checkpoints beyond the limit go."""
         dest = self.checkpoints / f"step_{step:06d}"
         with atomic_folder(dest, replace=True) as tmp:
-            calls = [self.policy.save.remote(tmp / "policy"),
-                     self.policy.save_optimizer.remote(tmp / "policy_optim.pt")]
-            if self.value is not None:
-                calls += [self.value.save.remote(tmp / "value"),
-                          self.value.save_optimizer.remote(tmp / "value_optim.pt")]
-            ray.get(calls)
+            saves = [role.each("save", tmp / role.name) for role in self._trained()]
+            saves += [role.each("save_optimizer", tmp / f"{role.name}_optim.pt")
+                      for role in self._trained()]
+            for save in saves:
+                save.get()
             write_json_atomic(tmp / "state.json", {"step": step, "kl_coef": self.kl.value,
                                                    "weight_version": self.version})
         for old in sorted(self.checkpoints.glob("step_*"))[: -self.ppo.keep_checkpoints]:
@@ -419,7 +470,8 @@ class PPOTrainer:
         return dest
 
     def export(self, dest: Path) -> None:
-        ray.get(self.policy.save.remote(Path(dest)))
+        assert self.policy is not None
+        self.policy.each("save", Path(dest)).get()
 
     def close(self) -> None:
         """Stop the engines (vLLM's engine process too), the actors and the placement group."""
@@ -427,8 +479,10 @@ class PPOTrainer:
             ray.get([e.shutdown.remote() for e in self.engines], timeout=60)
         except (RayActorError, GetTimeoutError):
             pass
-        for actor in self._actors():
-            ray.kill(actor)
+        for engine in self.engines:
+            ray.kill(engine)
+        for group in self._groups():
+            group.kill()
         self.placement.remove()
 
 
@@ -451,26 +505,50 @@ def progress(step: int, steps: int, m: dict[str, Any], width: int = 20) -> str:
 
 def run_ppo(cfg: RunConfig, train_files: list[Path], eval_files: list[Path],
             log: Log = print) -> Path:
-    """Run (or resume) PPO to cfg.ppo.steps and export the policy to <run>/rlhf/."""
+    """Run (or resume) PPO to cfg.ppo.steps and export the policy to <run>/rlhf/.
+
+    A role worker that dies stops the step; the roles are then recreated from the newest
+    checkpoint (up to ppo.role_restarts times), and the steps after it are run again, their
+    earlier metric lines dropped, so each step is in metrics/ppo.jsonl once."""
     ppo = cfg.ppo
     metrics_path = cfg.run_dir / "metrics" / "ppo.jsonl"
+    restarts_left = ppo.role_restarts
     trainer = PPOTrainer(cfg, train_files, eval_files, log)
     try:
-        start = trainer.start_step
-        keep_metrics_before(metrics_path, start if start else -1)  # a fresh start keeps nothing
-        if start == 0 and trainer.eval_prompts:
-            append_metrics(metrics_path, {"step": 0, **trainer.evaluate()})  # the SFT model
-        for step in range(start, ppo.steps):
-            metrics = trainer.step(step)
-            done = step + 1
-            if trainer.eval_prompts and (done % ppo.eval_every == 0 or done == ppo.steps):
-                metrics.update(trainer.evaluate())
-            if done % ppo.checkpoint_every == 0 or done == ppo.steps:
-                trainer.save_checkpoint(done)
-            append_metrics(metrics_path, {**metrics, "resumed_from": start})
-            log(progress(done, ppo.steps, metrics))
+        while True:
+            try:
+                run_steps(trainer, metrics_path, log)
+                break
+            except RayActorError as e:
+                if restarts_left == 0:
+                    raise RuntimeError(f"a PPO role worker died and ppo.role_restarts="
+                                       f"{ppo.role_restarts} are used up: {e}") from None
+                restarts_left -= 1
+                trainer.close()
+                checkpoint = latest_checkpoint(trainer.checkpoints)
+                log(f"a PPO role worker died ({type(e).__name__}); recreating the roles from "
+                    f"{checkpoint or 'the start'} (ppo.role_restarts: {restarts_left} left)")
+                trainer = PPOTrainer(cfg, train_files, eval_files, log)
         out = cfg.run_dir / "rlhf"
         trainer.export(out)
         return out
     finally:
         trainer.close()
+
+
+def run_steps(trainer: PPOTrainer, metrics_path: Path, log: Log) -> None:
+    """The steps from the trainer's start to ppo.steps: eval, checkpoint and metrics as due."""
+    ppo = trainer.ppo
+    start = trainer.start_step
+    keep_metrics_before(metrics_path, start if start else -1)  # a fresh start keeps nothing
+    if start == 0 and trainer.eval_prompts:
+        append_metrics(metrics_path, {"step": 0, **trainer.evaluate()})  # the SFT model
+    for step in range(start, ppo.steps):
+        metrics = trainer.step(step)
+        done = step + 1
+        if trainer.eval_prompts and (done % ppo.eval_every == 0 or done == ppo.steps):
+            metrics.update(trainer.evaluate())
+        if done % ppo.checkpoint_every == 0 or done == ppo.steps:
+            trainer.save_checkpoint(done)
+        append_metrics(metrics_path, {**metrics, "resumed_from": start})
+        log(progress(done, ppo.steps, metrics))

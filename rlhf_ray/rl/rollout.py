@@ -65,6 +65,7 @@ class RolloutEngine:
         if "kv_cache_memory_bytes" in memory and not torch.cuda.is_available():
             check_kv_fits(role, int(memory["kv_cache_memory_bytes"]))
         self.kv_cache_bytes = memory.get("kv_cache_memory_bytes")
+        self.dtype = dtype  # what the weights are sent in
         self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, seed=seed,
                        enforce_eager=True, logprobs_mode="processed_logprobs", **memory,
                        tensor_parallel_size=tensor_parallel_size,
@@ -77,6 +78,10 @@ class RolloutEngine:
         """True once the engine is up (lets a controller wait for an actor to start)."""
         return True
 
+    def weights_dtype(self) -> str:
+        """The dtype the engine holds its weights in (what a sync sends)."""
+        return self.dtype
+
     @property
     def weight_version(self) -> int:
         """The workers' weight version; raises if they disagree (a sync half done)."""
@@ -86,13 +91,27 @@ class RolloutEngine:
         return versions.pop()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        """Replace the engine's weights by a Hugging Face-format state dict, as `version`."""
+        """Replace the engine's weights by a Hugging Face-format state dict, as `version`, sent
+        through Ray's object store (the path where no weight-sync group could be formed)."""
         # collective_rpc serializes its arguments (tensors would become lists): send one blob.
         # safetensors refuses tensors that share memory, as tied lm_head and embed_tokens do, so
         # each is cloned. Both names must be sent: on reload vLLM loads each layer separately and
         # a layer given no weights keeps its old ones (the tie is not restored).
         state = {name: tensor.detach().to("cpu").clone() for name, tensor in state_dict.items()}
-        reported = self.llm.collective_rpc("load_weights_bytes", args=(save(state), version))
+        self._loaded(self.llm.collective_rpc("load_weights_bytes", args=(save(state), version)), version)
+
+    def join_weight_sync(self, host: str, port: int, first_rank: int, world_size: int,
+                         backend: str) -> list[int]:
+        """Join every vLLM worker of this engine to the weight-sync group (weight_sync.py) as
+        ranks first_rank, first_rank + 1, ...; returns once the whole group has joined."""
+        return self.llm.collective_rpc("join_weight_sync",
+                                       args=(host, port, first_rank, world_size, backend))
+
+    def receive_weights(self, version: int) -> None:
+        """Load the weights the policy streams over the weight-sync group, as `version`."""
+        self._loaded(self.llm.collective_rpc("receive_weights", args=(version,)), version)
+
+    def _loaded(self, reported: list[int], version: int) -> None:
         if any(v != version for v in reported):
             raise RuntimeError(f"weight sync to version {version} failed: workers report {reported}")
         # Cached key/value blocks of earlier prompts were computed by the old weights: reusing
