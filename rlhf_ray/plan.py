@@ -1,11 +1,16 @@
 """A paper check of a run: each role's memory per device, its placement, and the GPUs in all.
 
 Nothing is loaded or started; the numbers follow from the config and from what the code does:
-- Trainers (Ray Train workers, PPO policy and value) keep float32 weights under bf16 autocast
-  (train/loop.py, rl/roles.py), so there is no separate master copy: weights 4 B + gradients 4 B +
-  AdamW's two float32 moments 8 B = 16 B/param, divided over the workers by FSDP, not by DDP; PPO
-  actors never shard. Autocast saves a bf16 copy of every weight for the backward (2 B/param,
-  FSDP or not), counted under activations.
+- Trainers (Ray Train workers, PPO policy and value workers) keep float32 weights under bf16
+  autocast (train/loop.py, rl/roles.py), so there is no separate master copy: weights 4 B +
+  gradients 4 B + AdamW's two float32 moments 8 B = 16 B/param, divided over the workers by FSDP,
+  not by DDP. Autocast saves a bf16 copy of every weight for the backward (2 B/param, FSDP or
+  not: the cast of each gathered layer is what autograd keeps), counted under activations.
+- PPO roles are groups: num_workers policy/value workers, num_replicas reference/reward replicas,
+  one bundle each; every actor takes its share (rounded up) of each batch and mini-batch. The
+  frozen roles' float32 weights are whole in each replica (replicate) or divided over them (fsdp).
+  The policy's rank 0 also holds one weight-sync bucket (ppo.sync_bucket_mb), counted under
+  activations.
 - Activations per token, as autograd saves them (measured on transformers' Llama with SDPA, so no
   seq^2 term; the project has no activation checkpointing): per layer 24h + b(3h + 2kv*d + 4i),
   b = 2 under bf16 autocast, 4 in float32; logits (b + 8)V for the LM loss, (b + 16)V for PPO's
@@ -23,7 +28,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_ray.config import KVCacheConfig, RunConfig, TrainStage
+from rlhf_ray.config import (
+    KVCacheConfig,
+    PPOConfig,
+    RoleResources,
+    RunConfig,
+    TrainedRoleResources,
+    TrainStage,
+)
 from rlhf_ray.memory import (
     GB,
     ModelShape,
@@ -39,7 +51,10 @@ from rlhf_ray.memory import (
     shape_from_folder,
 )
 from rlhf_ray.tokenizer import load_tokenizer
+
 CHAT_STAGES = ("base", "sft", "rlhf")  # serve/app.py: the stages vLLM replicas serve
+TRAINED_ROLES = ("policy", "value")  # PPO's worker groups; reference and reward are replicas
+MOST_ACTORS = 1024  # the largest worker group or replica set a hint looks for
 
 
 class PlanError(ValueError):
@@ -143,10 +158,18 @@ def _bf16(precision: str, on_gpu: bool) -> bool:
 
 
 def _trainer(role: str, placement: str, params: int, act: float, bf16: bool, budget: float | None,
-             shards: int = 1) -> RoleMemory:
-    copies = 2 * params if bf16 else 0  # autocast's bf16 weights, saved for the backward
+             shards: int = 1, count: int = 1) -> RoleMemory:
     return RoleMemory(role, placement, 4 * params / shards, 4 * params / shards, 8 * params / shards,
-                      act + copies, budget=budget)
+                      act + _copies(params, bf16), budget=budget, count=count)
+
+
+def _copies(params: int, bf16: bool) -> int:
+    """Autocast's bf16 weights, saved for the backward: whole on every worker, FSDP or not."""
+    return 2 * params if bf16 else 0
+
+
+def _copies_exceed(copies: float) -> str:
+    return f"autocast's bf16 copy of all weights ({copies / GB:.0f} GB) alone exceeds the GPU, FSDP or not"
 
 
 def _check(r: RoleMemory, fix: str) -> RoleMemory:
@@ -171,7 +194,7 @@ def train_stage(name: str, st: TrainStage, s: ModelShape, params: int, seq: int,
         fix = (f"needs strategy fsdp over >= {math.ceil(16 * params / (gpu - r.activations))} GPUs "
                f"({name}.resources.num_workers)")
     elif copies >= gpu:  # loop.py shards float32 weights; autocast's bf16 copies are whole
-        fix = f"autocast's bf16 copy of all weights ({copies / GB:.0f} GB) alone exceeds the GPU, FSDP or not"
+        fix = _copies_exceed(copies)
     elif most > 0:
         fix = f"activations exceed the GPU: {name}.micro_batch_size <= {most}, then re-plan"
     else:
@@ -181,44 +204,77 @@ def train_stage(name: str, st: TrainStage, s: ModelShape, params: int, seq: int,
 
 
 def ppo_stage(cfg: RunConfig, s: ModelShape, gpu: float, prompt_tokens: int | None) -> StagePlan:
-    """rl/ppo.py's roles, one bundle each in one placement group (rl/actors.py reserve)."""
+    """rl/ppo.py's roles in one placement group (rl/actors.py reserve): one bundle per rollout
+    engine (tensor_parallel_size GPUs), per policy/value worker and per reference/reward replica."""
     ppo, res = cfg.ppo, cfg.ppo.resources
     prompt = s.max_seq_len - ppo.max_new_tokens if prompt_tokens is None else prompt_tokens
-    seq, batch = prompt + ppo.max_new_tokens, ppo.prompts_per_step * ppo.samples_per_prompt
-    lm, scalar = count_params(s), count_params(s, scalar_head=True)
+    seq = prompt + ppo.max_new_tokens
     tp, engines, rollout = res.tensor_parallel_size, ppo.num_rollout_engines, res.rollout
     dtype = 2 if ppo.rollout_dtype == "bfloat16" or (ppo.rollout_dtype == "auto" and rollout.num_gpus) else 4
     roles = [_vllm("rollout", f"{engines} x {_bundle(rollout.num_cpus, rollout.num_gpus * tp)} tp {tp}",
-                   rollout.num_gpus, s, lm, dtype, rollout_sequences(ppo), seq, gpu, ppo.kv_cache, "ppo",
-                   "ppo.prompts_per_step / eval_max_prompts", tp, engines)]
-
-    def role(name: str, params: int, logits: int | None, trained: bool) -> RoleMemory:
+                   rollout.num_gpus, s, count_params(s), dtype, rollout_sequences(ppo), seq, gpu,
+                   ppo.kv_cache, "ppo", "ppo.prompts_per_step / eval_max_prompts", tp, engines)]
+    names = (["policy", "reference"] + ["value"] * (ppo.estimator == "gae")
+             + ["reward"] * (ppo.reward_source == "model"))
+    for name in names:
         r = getattr(res, name)
-        bf16, budget = _bf16(ppo.precision, bool(r.num_gpus)), gpu * min(r.num_gpus, 1) or None
-        placement = _bundle(r.num_cpus, r.num_gpus, bf16)
-        scoring = forward_bytes(s, batch * seq, bf16, logits is not None)  # the whole batch at once
-        if not trained:
-            m = RoleMemory(name, placement, 4 * params, activations=scoring, budget=budget)
-        else:
-            if name == "policy" and ppo.old_logprobs == "rollout":
-                scoring = 0  # the policy's own logprobs pass is skipped
-            update = activation_bytes(s, ppo.mini_batch_size * seq, bf16, logits)
-            m = _trainer(name, placement, params, max(update, scoring), bf16, budget)
-        if r.num_gpus < 1 and m.total <= gpu:  # these roles do not shard
-            return _check(m, "give it a whole GPU (num_gpus: 1)")
-        if m.total - m.activations <= gpu:
-            knobs = "ppo.mini_batch_size / prompts_per_step" if trained else "ppo.prompts_per_step"
-            return _check(m, f"activations too large: lower {knobs}")
-        return _check(m, f"no {gpu / GB:g} GB GPU holds it; PPO roles do not shard")
-
-    roles += [role("policy", lm, 16, True), role("reference", lm, 16, False)]
-    if ppo.estimator == "gae":
-        roles.append(role("value", scalar, None, True))
-    if ppo.reward_source == "model":
-        roles.append(role("reward", scalar, None, False))
-    bundles = [rollout.num_gpus * tp] * engines + [getattr(res, m.role).num_gpus for m in roles[1:]]
-    cpus = rollout.num_cpus * engines + sum(getattr(res, m.role).num_cpus for m in roles[1:])
+        m = _check(_ppo_role(ppo, name, s, seq, gpu, _actors(r), r.strategy), "")
+        if m.fits is False:
+            m.note = _ppo_fix(ppo, name, s, seq, gpu, m)
+        roles.append(m)
+    bundles = [rollout.num_gpus * tp] * engines + [
+        getattr(res, m.role).num_gpus for m in roles[1:] for _ in range(m.count)]
+    cpus = rollout.num_cpus * engines + sum(getattr(res, m.role).num_cpus * m.count for m in roles[1:])
     return StagePlan("ppo", roles, gpus_for(bundles), cpus, seq, res.placement_strategy)
+
+
+def _actors(r: RoleResources) -> int:
+    return r.num_workers if isinstance(r, TrainedRoleResources) else r.num_replicas
+
+
+def _role_params(s: ModelShape, name: str) -> int:
+    return count_params(s, scalar_head=name in ("value", "reward"))
+
+
+def _ppo_role(ppo: PPOConfig, name: str, s: ModelShape, seq: int, gpu: float, n: int, strategy: str
+              ) -> RoleMemory:
+    """Each of the `n` actors of PPO role `name` (rl/roles.py) under `strategy`."""
+    r = getattr(ppo.resources, name)
+    lm, params = name in ("policy", "reference"), _role_params(s, name)
+    bf16, budget = _bf16(ppo.precision, bool(r.num_gpus)), gpu * min(r.num_gpus, 1) or None
+    placement = f"{n} x {_bundle(r.num_cpus, r.num_gpus, bf16)} {strategy}"
+    shards = n if strategy == "fsdp" else 1
+    batch = math.ceil(ppo.prompts_per_step * ppo.samples_per_prompt / n)  # scored at once
+    scoring = forward_bytes(s, batch * seq, bf16, lm)
+    if name not in TRAINED_ROLES:
+        return RoleMemory(name, placement, 4 * params / shards, activations=scoring, budget=budget, count=n)
+    if name == "policy" and ppo.old_logprobs == "rollout":
+        scoring = 0  # the policy's own logprobs pass is skipped
+    update = activation_bytes(s, math.ceil(ppo.mini_batch_size / n) * seq, bf16, 16 if lm else None)
+    # rank 0's weight-sync bucket, added although it lives between updates, not beside their activations
+    bucket = min(ppo.sync_bucket_mb * 1e6, 4 * params) if name == "policy" else 0
+    return _trainer(name, placement, params, max(update, scoring) + bucket, bf16, budget, shards, n)
+
+
+def _ppo_fix(ppo: PPOConfig, name: str, s: ModelShape, seq: int, gpu: float, m: RoleMemory) -> str:
+    """The smallest change that fits PPO role `name`, whose actor `m` exceeds its budget: a whole
+    GPU, more actors of its strategy, or fsdp over more of them."""
+    r = getattr(ppo.resources, name)
+    if r.num_gpus < 1 and m.total <= gpu:
+        return "give it a whole GPU (num_gpus: 1)"
+    assert m.budget is not None
+    key, unit = ("num_workers", "workers") if name in TRAINED_ROLES else ("num_replicas", "replicas")
+    for strategy in dict.fromkeys((r.strategy, "fsdp")):
+        n = next((n for n in range(1, MOST_ACTORS + 1)
+                  if _ppo_role(ppo, name, s, seq, gpu, n, strategy).total <= m.budget), None)
+        if n is not None:
+            return f"needs strategy {strategy} over >= {n} {unit} (ppo.resources.{name}.{key})"
+    if name in TRAINED_ROLES:
+        copies = _copies(_role_params(s, name), _bf16(ppo.precision, bool(r.num_gpus)))
+        if copies >= m.budget:
+            return _copies_exceed(copies)
+    return ("one sequence exceeds the GPU at any number of actors (no activation checkpointing): "
+            "shorten it (ppo.max_new_tokens, the prompts)")
 
 
 def _vllm(role: str, placement: str, gpus: float, s: ModelShape, params: int, dtype: int, seqs: int,

@@ -58,14 +58,19 @@ def trainer(tiny_policy_dir, tiny_reward_dir, tmp_path_factory):
         ray.shutdown()
 
 
-def greedy(trainer: PPOTrainer) -> list[list[int]]:
+def greedy(trainer: PPOTrainer, engine: int | None = None) -> list[list[int]]:
+    """Greedy replies to the eval prompts: spread over the engines, or all from one of them."""
     prompts = [p.ids for p in trainer.eval_prompts]
+    if engine is not None:
+        rollouts = ray.get(trainer.engines[engine].generate.remote(
+            prompts, trainer.ppo.max_new_tokens, 0.0, 1.0, trainer.version))
+        return [r.response_ids for r in rollouts]
     return [r.response_ids for r in trainer.generate(prompts, temperature=0.0, seed=0)]
 
 
 def hf_greedy_with_policy_weights(trainer: PPOTrainer) -> list[list[int]]:
     model = load_policy(trainer.sft_dir).eval()
-    model.load_state_dict(ray.get(trainer.policy.state_dict.remote()))
+    model.load_state_dict(trainer.policy.each("state_dict").get())
     replies = []
     for prompt in trainer.eval_prompts:
         with torch.no_grad():
@@ -76,6 +81,8 @@ def hf_greedy_with_policy_weights(trainer: PPOTrainer) -> list[list[int]]:
 
 
 def test_a_step_trains_the_policy_and_syncs_its_exact_weights_into_the_engine(trainer):
+    assert any("weight sync: streamed over gloo from the policy's rank 0 to 1 engine workers" in m
+               for m in trainer.logged)
     before = greedy(trainer)
     assert before == hf_greedy_with_policy_weights(trainer)
 
@@ -184,3 +191,4 @@ def test_a_killed_ppo_run_resumes_from_its_last_checkpoint(tiny_policy_dir, tiny
     state = json.loads((checkpoints / f"step_{steps:06d}" / "state.json").read_text())
     assert state["step"] == steps
     assert len(list(checkpoints.glob("step_*"))) == cfg.ppo.keep_checkpoints
+

@@ -9,6 +9,7 @@ import pytest
 from rlhf_ray.config import ConfigError, KVCacheConfig, load_config
 from rlhf_ray.memory import (
     GB,
+    ROLE_PROCESS_BYTES,
     MachineMemoryError,
     ModelShape,
     NodeMemory,
@@ -17,9 +18,10 @@ from rlhf_ray.memory import (
     kv_cache_bytes,
     numa_node_memory,
     rollout_sequences,
+    shape_from_folder,
     vllm_memory_args,
 )
-from rlhf_ray.plan import check_fits_here
+from rlhf_ray.plan import check_fits_here, ppo_stage
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 # configs/demo.yaml's model: 4 layers, 4 KV heads of 64, context 256.
@@ -117,6 +119,19 @@ def test_a_machine_too_small_for_a_stage_is_refused_before_anything_starts(tmp_p
     cfg = load_config(CONFIGS / "test.yaml", ["ppo.num_rollout_engines=1000"])
     with pytest.raises(MachineMemoryError, match=r"the ppo stage needs .*1000 x rollout"):
         check_fits_here(cfg, "ppo", _folder(tmp_path, DEMO))
+
+
+def test_every_ppo_worker_and_replica_is_a_process_holding_its_share(tmp_path, monkeypatch):
+    needs: dict[str, float] = {}
+    monkeypatch.setattr("rlhf_ray.plan.check_machine_fits", lambda what, n, kv: needs.update(n))
+    cfg = load_config(CONFIGS / "test.yaml", ["ppo.resources.policy={num_workers: 2, strategy: fsdp}",
+                                              "ppo.resources.reference.num_replicas=3"])
+    folder = _folder(tmp_path, DEMO)
+    check_fits_here(cfg, "ppo", folder)
+    roles = {r.role: r for r in ppo_stage(cfg, shape_from_folder(folder), 80 * GB, None).roles}
+    assert needs["2 x policy"] == 2 * (roles["policy"].total + ROLE_PROCESS_BYTES)
+    assert needs["3 x reference"] == 3 * (roles["reference"].total + ROLE_PROCESS_BYTES)
+    assert needs["value"] == roles["value"].total + ROLE_PROCESS_BYTES
 
 
 def test_the_fraction_setting_moved_and_says_where(tmp_path):

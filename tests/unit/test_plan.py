@@ -1,6 +1,7 @@
 """The resource planner: parameter counts, per-role memory, placement and GPU counts, on paper."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from rlhf_ray.plan import (
     activation_bytes,
     count_params,
     format_plan,
+    forward_bytes,
     gpus_for,
     kv_bytes_per_token,
     model_shape,
@@ -24,6 +26,8 @@ from rlhf_ray.plan import (
 from tests.tiny import TINY_MODEL
 
 CONFIGS = Path(__file__).parents[2] / "configs"
+PLAN_7B, PLAN_70B = CONFIGS / "plan-llama2-7b.yaml", CONFIGS / "plan-llama2-70b.yaml"
+P7B, P70B = 6_738_415_616, 68_976_648_192  # Llama-2's parameters (test_the_published_llama_2_counts)
 # configs/test.yaml's model: hidden 64, 2 layers, 2 heads of 32, 1 kv head, MLP 128, vocab 512,
 # context 512, tied embeddings.
 TINY_PARAMS = (
@@ -178,11 +182,92 @@ def test_critic_free_and_function_rewards_drop_their_roles():
 # --------------------------------------------------------------------------- 7B and 70B on 80 GB GPUs
 
 
+def ppo_gpus_in_comment(config: Path) -> int:
+    """The GPU count a plan config's comment names ('# PPO on N GPUs, ...')."""
+    found = re.search(r"^# PPO on (\d+) GPUs", config.read_text(), re.MULTILINE)
+    assert found, f"{config} names no PPO GPU count"
+    return int(found.group(1))
+
+
 def test_a_7b_policy_needs_16_bytes_per_param_and_does_not_fit_one_80gb_gpu():
     policy = role(plan_run(tiny(*LLAMA2_7B, *ON_GPUS), 80), "ppo", "policy")
-    assert policy.weights + policy.grads + policy.optimizer == 16 * 6_738_415_616  # ~108 GB
+    assert policy.weights + policy.grads + policy.optimizer == 16 * P7B  # ~108 GB
     assert policy.weights + policy.grads + policy.optimizer == pytest.approx(107.8 * GB, rel=1e-3)
-    assert policy.fits is False and "do not shard" in policy.note
+    assert policy.fits is False
+
+
+@pytest.mark.parametrize("layout", [[], ["num_workers: 3, strategy: fsdp"]])
+def test_7b_ppo_trainers_on_too_few_workers_are_told_how_many_fsdp_workers_they_need(layout):
+    """One worker holds the whole 108 GB; three fsdp workers are still too few; four fit."""
+    bundle = ", ".join(["num_cpus: 4, num_gpus: 1", *layout])
+    plan = plan_run(load_config(PLAN_7B, [f"ppo.resources.policy={{{bundle}}}",
+                                          f"ppo.resources.value={{{bundle}}}"]), 80)
+    for name in ("policy", "value"):
+        trainer = role(plan, "ppo", name)
+        assert trainer.fits is False and trainer.total > 80 * GB
+        assert trainer.note == f"needs strategy fsdp over >= 4 workers (ppo.resources.{name}.num_workers)"
+
+
+@pytest.mark.parametrize("prompt_tokens", [None, 512])  # the whole context, and README's example
+def test_the_7b_config_fits_every_ppo_role_on_the_gpus_its_comment_names(prompt_tokens):
+    ppo = stage(plan_run(load_config(PLAN_7B), 80, prompt_tokens), "ppo")
+    assert [(r.role, r.count, r.fits, r.note) for r in ppo.roles] == [
+        ("rollout", 2, True, ""), ("policy", 4, True, ""), ("reference", 2, True, ""),
+        ("value", 4, True, ""), ("reward", 2, True, "")]
+    # every bundle x its count: 2 engines x tp 2, 4 + 4 workers, 2 + 2 replicas, a GPU each
+    assert ppo.gpus == 2 * 2 + 4 + 4 + 2 + 2 == ppo_gpus_in_comment(PLAN_7B)
+    assert ppo.cpus == 2 * 4 + 4 * 4 + 4 * 4 + 2 * 2 + 2 * 2
+    assert ppo.roles[1].placement == "4 x {CPU: 4, GPU: 1} bf16 fsdp"
+    assert ppo.roles[2].placement == "2 x {CPU: 2, GPU: 1} bf16 replicate"
+
+
+def test_fsdp_divides_a_trained_roles_state_by_its_workers_and_ddp_does_not():
+    s = model_shape(load_config(PLAN_7B))
+    fsdp = role(plan_run(load_config(PLAN_7B), 80), "ppo", "policy")  # 4 workers
+    ddp = role(plan_run(load_config(PLAN_7B, ["ppo.resources.policy.strategy=ddp"]), 80), "ppo", "policy")
+    assert (ddp.weights, ddp.grads, ddp.optimizer) == (4 * P7B, 4 * P7B, 8 * P7B)
+    assert (fsdp.weights, fsdp.grads, fsdp.optimizer) == (4 * P7B / 4, 4 * P7B / 4, 8 * P7B / 4)
+    # either way each worker trains on its share of a mini-batch (4 sequences / 4 workers), keeps
+    # autocast's bf16 copy of all weights, and rank 0 one 256 MB weight-sync bucket
+    one_sequence = activation_bytes(s, 1 * 4096, True, 16)
+    assert ddp.activations == fsdp.activations == one_sequence + 2 * P7B + 256e6
+
+
+def test_fsdp_divides_a_frozen_roles_weights_by_its_replicas_and_replicate_does_not():
+    s = model_shape(load_config(PLAN_7B))
+    replicate = role(plan_run(load_config(PLAN_7B), 80), "ppo", "reference")  # 2 replicas
+    fsdp = role(plan_run(load_config(PLAN_7B, ["ppo.resources.reference.strategy=fsdp"]), 80),
+                "ppo", "reference")
+    assert (replicate.weights, fsdp.weights) == (4 * P7B, 4 * P7B / 2)  # float32
+    # each replica scores its half of the 16 sequences of a step at once
+    assert replicate.activations == fsdp.activations == forward_bytes(s, 8 * 4096, True, True)
+    assert replicate.grads == replicate.optimizer == 0
+
+
+def test_frozen_roles_are_told_how_many_replicas_or_shards_they_need():
+    # 64 sequences scored at once by one 7B reference replica: 177 GB of activations
+    busy = role(plan_run(load_config(PLAN_7B, ["ppo.prompts_per_step=64",
+                                               "ppo.resources.reference.num_replicas=1"]), 80),
+                "ppo", "reference")
+    assert busy.fits is False
+    assert busy.note == "needs strategy replicate over >= 4 replicas (ppo.resources.reference.num_replicas)"
+    # 70B in float32 is 276 GB: more replicas of the whole cannot help, shards can
+    whole = role(plan_run(load_config(PLAN_70B, ["ppo.resources.reference.strategy=replicate"]), 80),
+                 "ppo", "reference")
+    assert whole.note == "needs strategy fsdp over >= 5 replicas (ppo.resources.reference.num_replicas)"
+
+
+def test_the_70b_layout_fits_its_engines_and_frozen_roles_but_autocast_trainers_fit_no_80gb_gpu():
+    """The layout its comment names: 96 GPUs. Policy and value are sharded 32 ways (34.5 GB of
+    state per GPU), but bf16 autocast keeps a whole 138 GB copy of the weights on every worker."""
+    ppo = stage(plan_run(load_config(PLAN_70B), 80), "ppo")
+    assert ppo.gpus == 4 * 4 + 32 + 32 + 8 + 8 == ppo_gpus_in_comment(PLAN_70B)
+    assert [(r.role, r.count, r.fits) for r in ppo.roles] == [
+        ("rollout", 4, True), ("policy", 32, False), ("reference", 8, True), ("value", 32, False),
+        ("reward", 8, True)]
+    policy = ppo.roles[1]
+    assert policy.weights + policy.grads + policy.optimizer == 16 * P70B / 32
+    assert policy.note == "autocast's bf16 copy of all weights (138 GB) alone exceeds the GPU, FSDP or not"
 
 
 def test_7b_sft_needs_fsdp_and_fits_over_the_gpus_the_plan_names():
@@ -242,6 +327,14 @@ def test_gpu_count_is_the_largest_training_stage_and_serving_separately():
     assert [s.gpus for s in plan.stages] == [8, 8, 8, 7, 6]  # serve: 3 chat stages x 2 replicas
     assert (plan.training_gpus, plan.serve_gpus) == (8, 6)
     assert role(plan, "serve", "reward").budget is None  # the reward replica runs on a CPU
+
+
+def test_every_worker_and_replica_is_a_bundle_of_its_own():
+    plan = plan_run(tiny(*ON_GPUS, "ppo.resources.policy.num_workers=2",
+                         "ppo.resources.reference.num_replicas=3"), 80)
+    # rollout 1, policy 2 x 1, value 1, reference 3 x 0.5 + reward 0.5 on two GPUs
+    assert stage(plan, "ppo").gpus == 1 + 2 + 1 + 2
+    assert stage(plan, "ppo").cpus == 4 + 2 * 4 + 4 + 3 * 2 + 2
 
 
 def test_the_demo_config_runs_on_cpus_only():
