@@ -437,6 +437,11 @@ class PPOConfig(_NoFraction):
         1, ge=0, description="Times per run the roles are recreated from the last checkpoint "
         "after a policy, value, reference or reward worker dies.",
     )
+    activation_checkpointing: bool = Field(
+        False, description="Policy and value updates keep only each decoder layer's input and "
+        "recompute the rest in the backward (about a third more compute; long sequences of "
+        "large models need it).",
+    )
     sync_bucket_mb: float = Field(
         256.0, gt=0, description="Weight sync sends the policy's parameters to the engines in "
         "buckets of about this size: no process holds more of a gathered sharded model.",

@@ -106,6 +106,6 @@ def start_role(placement: Placement, role: str, ppo: PPOConfig, model_dir: Path,
     kwargs: dict[str, Any] = {"precision": ppo.precision, "threads": torch_threads(res),
                               "strategy": res.strategy}
     if lr is not None:
-        kwargs["lr"] = lr
+        kwargs |= {"lr": lr, "activation_checkpointing": ppo.activation_checkpointing}
     options = [placement.options(f"{role}{rank}", res) for rank in range(workers(res))]
     return RoleGroup.start(role, actor_class, options, model_dir=model_dir, **kwargs)

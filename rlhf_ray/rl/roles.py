@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -261,9 +261,15 @@ class _Worker:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
         if self.sharded:
+            # Under bf16, FSDP gathers each unit's parameters as bf16 and frees them after use;
+            # autocast instead would cast every gathered weight and keep all the casts for the
+            # backward: a whole bf16 copy of the model on every worker, however many.
+            mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            policy = mixed if self.bf16 else MixedPrecisionPolicy()
             for layer in self.model.model.layers:  # one unit per decoder layer, the rest the root's
-                fully_shard(layer)
-            fully_shard(self.net)
+                fully_shard(layer, mp_policy=policy)
+            fully_shard(self.net, mp_policy=policy)
+            self.bf16 = False  # no autocast on top
         elif self.trains and self.world_size > 1:
             self.net = DistributedDataParallel(self.net)
 
@@ -316,11 +322,14 @@ class _Trainable(_Worker):
 
     def __init__(self, model_dir: Path, lr: float, device: str | torch.device | None = None,
                  precision: str = "float32", threads: int | None = None, rank: int = 0,
-                 world_size: int = 1, strategy: Strategy = "ddp") -> None:
+                 world_size: int = 1, strategy: Strategy = "ddp",
+                 activation_checkpointing: bool = False) -> None:
         super().__init__(device, precision, threads, rank, world_size, strategy)
         self.model_dir, self.lr = Path(model_dir), lr
         self.tokenizer = load_tokenizer(self.model_dir)
         self.model = self.load_model(self.model_dir).to(self.device)
+        if activation_checkpointing:  # keep each decoder layer's input, recompute the rest
+            self.model.gradient_checkpointing_enable({"use_reentrant": False})
         self.net = self.make_net(self.model)
         self.optimizer: torch.optim.Optimizer | None = None
         self.nonfinite_streak = 0  # mini-batches skipped in a row (a non-finite loss or gradient)

@@ -137,3 +137,21 @@ def test_a_checkpoint_of_two_fsdp_workers_resumes_in_one(exp, tiny_policy_dir, t
     resumed.load_optimizer(tmp_path / "policy_optim.pt")
     resumed.update(exp, PPO, kl_coef=0.1, seed=SEED + 1)
     assert_same_state(resumed.state_dict(), expected)
+
+
+def test_fsdp_under_bf16_gathers_bf16_shards_and_updates_as_float32_does(exp, tiny_policy_dir):
+    """bf16 FSDP workers cast at the gather (no autocast copy of the model): their update points
+    where the float32 one does."""
+    start = PolicyRole(tiny_policy_dir, lr=1e-3, device="cpu").state_dict()
+    alone = PolicyRole(tiny_policy_dir, lr=1e-3, device="cpu", threads=1)
+    alone.update(exp, PPO, kl_coef=0.1, seed=SEED)
+    pair = group(PolicyActor, 2, model_dir=tiny_policy_dir, lr=1e-3, strategy="fsdp",
+                 precision="bfloat16")
+    try:
+        pair.each("update", ray.put(exp), PPO, 0.1, SEED).get()
+        got = pair.each("state_dict").get()
+    finally:
+        pair.kill()
+    step = lambda state: torch.cat([(state[k] - start[k]).flatten() for k in start])  # noqa: E731
+    assert all(got[k].dtype == torch.float32 for k in got)  # the shards stay float32
+    assert torch.nn.functional.cosine_similarity(step(got), step(alone.state_dict()), dim=0) > 0.9

@@ -291,3 +291,15 @@ def _fails_on_second(text: str, truth: str | None) -> float:
 def test_function_reward_errors_name_the_function_and_index(fn, match):
     with pytest.raises(ValueError, match=match):
         FunctionReward(fn).score(["fine", "boom"], [None, None])
+
+
+def test_activation_checkpointing_recomputes_the_same_update(exp, tiny_policy_dir):
+    exp.old_logprobs = exp.sample_logprobs
+    exp.advantages = torch.linspace(-1, 1, exp.response_mask.numel()).view_as(exp.sample_logprobs)
+    plain = PolicyRole(tiny_policy_dir, lr=1e-3, device="cpu")
+    recomputed = PolicyRole(tiny_policy_dir, lr=1e-3, device="cpu", activation_checkpointing=True)
+    for role in (plain, recomputed):
+        role.update(exp, PPOConfig(mini_batch_size=2), 0.0, seed=3)
+    want, got = plain.state_dict(), recomputed.state_dict()
+    assert max((want[k] - got[k]).abs().max().item() for k in want) < 1e-6
+    assert any((want[k] - load_policy(tiny_policy_dir).state_dict()[k]).abs().max() > 0 for k in want)
