@@ -1,20 +1,29 @@
 """A paper check of a run: each role's memory per device, its placement, and the GPUs in all.
 
 Nothing is loaded or started; the numbers follow from the config and from what the code does:
-- Trainers (Ray Train workers, PPO policy and value workers) keep float32 weights under bf16
-  autocast (train/loop.py, rl/roles.py), so there is no separate master copy: weights 4 B +
-  gradients 4 B + AdamW's two float32 moments 8 B = 16 B/param, divided over the workers by FSDP,
-  not by DDP. Autocast saves a bf16 copy of every weight for the backward (2 B/param, FSDP or
+- Trainers (Ray Train workers, PPO policy and value workers) keep float32 weights, so there is
+  no separate master copy: weights 4 B + gradients 4 B + AdamW's two float32 moments 8 B =
+  16 B/param, divided over the workers by FSDP, not by DDP. Under bf16 the Ray Train workers
+  (train/loop.py), and PPO roles that are not sharded (ddp, replicate, or fsdp on one actor), run
+  under autocast, which saves a bf16 copy of every weight for the backward (2 B/param, FSDP or
   not: the cast of each gathered layer is what autograd keeps), counted under activations.
+- PPO roles sharded by fsdp (rl/roles.py `_Worker.join`: more than one actor) use FSDP2's mixed
+  precision instead of autocast: each unit (a decoder layer; the root: embeddings, final norm,
+  lm_head or score) is gathered in the compute dtype (bf16 2 B, else 4 B per param) and freed
+  after use, so only the largest unit is counted, gathered, under activations; a trained role
+  adds its float32 gradient before the reduce-scatter (4 B per param of that unit).
 - PPO roles are groups: num_workers policy/value workers, num_replicas reference/reward replicas,
   one bundle each; every actor takes its share (rounded up) of each batch and mini-batch. The
   frozen roles' float32 weights are whole in each replica (replicate) or divided over them (fsdp).
   The policy's rank 0 also holds one weight-sync bucket (ppo.sync_bucket_mb), counted under
   activations.
 - Activations per token, as autograd saves them (measured on transformers' Llama with SDPA, so no
-  seq^2 term; the project has no activation checkpointing): per layer 24h + b(3h + 2kv*d + 4i),
-  b = 2 under bf16 autocast, 4 in float32; logits (b + 8)V for the LM loss, (b + 16)V for PPO's
-  logprobs + entropy. A forward pass without gradients: 8h + 3bi per token, plus its logits.
+  seq^2 term): per layer 24h + b(3h + 2kv*d + 4i), b = 2 under bf16 (autocast or FSDP's bf16
+  gather), 4 in float32; logits (b + 8)V for the LM loss, (b + 16)V for PPO's logprobs + entropy.
+  With ppo.activation_checkpointing the policy and value updates keep only each layer's input
+  (bh per layer) and recompute one layer at a time in the backward (its full per-layer bytes),
+  plus the logits; the training stages have no checkpointing. A forward pass without gradients:
+  8h + 3bi per token, plus its logits.
 - precision "auto" is bf16 on a GPU and taken as float32 on a CPU. The reference and reward actors
   load float32 weights; vLLM runs bf16 on a GPU, float32 on a CPU.
 - Sequences: pretrain.seq_len; SFT and reward model.max_seq_len (2 per comparison); PPO prompt +
@@ -25,7 +34,7 @@ GB is 1e9 bytes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rlhf_ray.config import (
@@ -131,12 +140,15 @@ def _shape_from_folder(folder: Path) -> ModelShape:
         raise PlanError(f"model.pretrained: {e}") from None
 
 
-def activation_bytes(s: ModelShape, tokens: int, bf16: bool, logits: int | None) -> int:
+def activation_bytes(s: ModelShape, tokens: int, bf16: bool, logits: int | None,
+                     checkpointed: bool = False) -> int:
     """Saved for the backward by `tokens` tokens; `logits`: float32 bytes per vocab entry beyond
-    the logits themselves (8 for the LM loss, 16 for PPO's), None for a scalar head."""
+    the logits themselves (8 for the LM loss, 16 for PPO's), None for a scalar head.
+    `checkpointed`: each layer keeps its input only, and one layer is recomputed at a time."""
     b = 2 if bf16 else 4
     per_layer = 24 * s.hidden + b * (3 * s.hidden + 2 * s.kv_heads * s.head_dim + 4 * s.intermediate)
-    return tokens * (s.layers * per_layer + (0 if logits is None else (b + logits) * s.vocab))
+    layers = s.layers * b * s.hidden + per_layer if checkpointed else s.layers * per_layer
+    return tokens * (layers + (0 if logits is None else (b + logits) * s.vocab))
 
 
 def forward_bytes(s: ModelShape, tokens: int, bf16: bool, lm: bool) -> int:
@@ -157,10 +169,11 @@ def _bf16(precision: str, on_gpu: bool) -> bool:
     return precision == "bfloat16" or (precision == "auto" and on_gpu)
 
 
-def _trainer(role: str, placement: str, params: int, act: float, bf16: bool, budget: float | None,
+def _trainer(role: str, placement: str, params: int, act: float, budget: float | None,
              shards: int = 1, count: int = 1) -> RoleMemory:
+    """`act`: everything under activations, autocast's copies or FSDP's gathered unit included."""
     return RoleMemory(role, placement, 4 * params / shards, 4 * params / shards, 8 * params / shards,
-                      act + _copies(params, bf16), budget=budget, count=count)
+                      act, budget=budget, count=count)
 
 
 def _copies(params: int, bf16: bool) -> int:
@@ -187,8 +200,8 @@ def train_stage(name: str, st: TrainStage, s: ModelShape, params: int, seq: int,
     bf16 = _bf16(st.precision, res.use_gpu)
     act = activation_bytes(s, st.micro_batch_size * per_item * seq, bf16, logits)
     placement = f"{res.num_workers} x {_bundle(res.cpus_per_worker, res.use_gpu, bf16)} {st.strategy}"
-    r = _trainer("worker", placement, params, act, bf16, gpu if res.use_gpu else None, shards)
-    copies = r.activations - act
+    copies = _copies(params, bf16)
+    r = _trainer("worker", placement, params, act + copies, gpu if res.use_gpu else None, shards)
     most = int((gpu - copies) // (act / st.micro_batch_size))  # sequences per micro-batch that fit
     if r.activations < gpu:
         fix = (f"needs strategy fsdp over >= {math.ceil(16 * params / (gpu - r.activations))} GPUs "
@@ -236,6 +249,25 @@ def _role_params(s: ModelShape, name: str) -> int:
     return count_params(s, scalar_head=name in ("value", "reward"))
 
 
+def _largest_unit(s: ModelShape, name: str) -> int:
+    """The parameters of role `name`'s largest FSDP unit (rl/roles.py `_Worker.join`): a decoder
+    layer, or the root (embeddings, final norm, lm_head or score)."""
+    root = count_params(replace(s, layers=0), scalar_head=name in ("value", "reward"))
+    return max(root, (_role_params(s, name) - root) // s.layers)
+
+
+def _transient_weights(ppo: PPOConfig, s: ModelShape, name: str, n: int, strategy: str, bf16: bool
+                       ) -> int:
+    """What a PPO actor holds of its weights beyond its float32 share, counted under activations.
+    Sharded (fsdp, n > 1): FSDP's mixed precision gathers one unit at a time in the compute
+    dtype, and a trained role's backward adds that unit's float32 gradient. Else bf16 autocast's
+    copy of all weights, saved for a trained role's backward (a frozen role's casts are freed)."""
+    trained = name in TRAINED_ROLES
+    if strategy == "fsdp" and n > 1:
+        return ((2 if bf16 else 4) + 4 * trained) * _largest_unit(s, name)
+    return _copies(_role_params(s, name), bf16) if trained else 0
+
+
 def _ppo_role(ppo: PPOConfig, name: str, s: ModelShape, seq: int, gpu: float, n: int, strategy: str
               ) -> RoleMemory:
     """Each of the `n` actors of PPO role `name` (rl/roles.py) under `strategy`."""
@@ -246,14 +278,17 @@ def _ppo_role(ppo: PPOConfig, name: str, s: ModelShape, seq: int, gpu: float, n:
     shards = n if strategy == "fsdp" else 1
     batch = math.ceil(ppo.prompts_per_step * ppo.samples_per_prompt / n)  # scored at once
     scoring = forward_bytes(s, batch * seq, bf16, lm)
+    transient = _transient_weights(ppo, s, name, n, strategy, bf16)
     if name not in TRAINED_ROLES:
-        return RoleMemory(name, placement, 4 * params / shards, activations=scoring, budget=budget, count=n)
+        return RoleMemory(name, placement, 4 * params / shards, activations=scoring + transient,
+                          budget=budget, count=n)
     if name == "policy" and ppo.old_logprobs == "rollout":
         scoring = 0  # the policy's own logprobs pass is skipped
-    update = activation_bytes(s, math.ceil(ppo.mini_batch_size / n) * seq, bf16, 16 if lm else None)
+    update = activation_bytes(s, math.ceil(ppo.mini_batch_size / n) * seq, bf16, 16 if lm else None,
+                              ppo.activation_checkpointing)
     # rank 0's weight-sync bucket, added although it lives between updates, not beside their activations
     bucket = min(ppo.sync_bucket_mb * 1e6, 4 * params) if name == "policy" else 0
-    return _trainer(name, placement, params, max(update, scoring) + bucket, bf16, budget, shards, n)
+    return _trainer(name, placement, params, max(update, scoring) + transient + bucket, budget, shards, n)
 
 
 def _ppo_fix(ppo: PPOConfig, name: str, s: ModelShape, seq: int, gpu: float, m: RoleMemory) -> str:
@@ -264,17 +299,27 @@ def _ppo_fix(ppo: PPOConfig, name: str, s: ModelShape, seq: int, gpu: float, m: 
         return "give it a whole GPU (num_gpus: 1)"
     assert m.budget is not None
     key, unit = ("num_workers", "workers") if name in TRAINED_ROLES else ("num_replicas", "replicas")
-    for strategy in dict.fromkeys((r.strategy, "fsdp")):
-        n = next((n for n in range(1, MOST_ACTORS + 1)
-                  if _ppo_role(ppo, name, s, seq, gpu, n, strategy).total <= m.budget), None)
+    n = _fewest(ppo, name, s, seq, gpu, r.strategy, m.budget)
+    if n is not None:
+        return f"needs strategy {r.strategy} over >= {n} {unit} (ppo.resources.{name}.{key})"
+    n = _fewest(ppo, name, s, seq, gpu, "fsdp", m.budget)  # no autocast copy of the weights
+    if n is not None:
+        return f"needs strategy fsdp over >= {n} {unit} (ppo.resources.{name}.{key})"
+    if name in TRAINED_ROLES and not ppo.activation_checkpointing:
+        n = _fewest(ppo.model_copy(update={"activation_checkpointing": True}), name, s, seq, gpu,
+                    "fsdp", m.budget)
         if n is not None:
-            return f"needs strategy {strategy} over >= {n} {unit} (ppo.resources.{name}.{key})"
-    if name in TRAINED_ROLES:
-        copies = _copies(_role_params(s, name), _bf16(ppo.precision, bool(r.num_gpus)))
-        if copies >= m.budget:
-            return _copies_exceed(copies)
-    return ("one sequence exceeds the GPU at any number of actors (no activation checkpointing): "
-            "shorten it (ppo.max_new_tokens, the prompts)")
+            return (f"needs ppo.activation_checkpointing: true and strategy fsdp over >= {n} "
+                    f"{unit} (ppo.resources.{name}.{key})")
+    return ("one sequence exceeds the GPU at any number of actors: shorten it "
+            "(ppo.max_new_tokens, the prompts)")
+
+
+def _fewest(ppo: PPOConfig, name: str, s: ModelShape, seq: int, gpu: float, strategy: str,
+            budget: float) -> int | None:
+    """The fewest actors of `strategy` whose actor fits `budget`, if any does."""
+    return next((n for n in range(1, MOST_ACTORS + 1)
+                 if _ppo_role(ppo, name, s, seq, gpu, n, strategy).total <= budget), None)
 
 
 def _vllm(role: str, placement: str, gpus: float, s: ModelShape, params: int, dtype: int, seqs: int,

@@ -211,6 +211,7 @@ class PPOTrainer:
         self.policy: RoleGroup | None = None
         self.reference = self.value = self.reward_model = None
         self.streamed = False  # whether the weight sync streams over a torch.distributed group
+        self.sync_bytes = 0  # bytes the last streamed sync broadcast
         try:
             self.engines = [self._start_engine(i, policy_dir, self.version)
                             for i in range(ppo.num_rollout_engines)]
@@ -312,7 +313,8 @@ class PPOTrainer:
         if self.streamed:
             bucket = int(self.ppo.sync_bucket_mb * 2**20)
             sent = self.policy.each("send_weights", bucket, self.engine_dtype)
-            get_all([e.receive_weights.remote(version) for e in self.engines] + sent.refs)
+            done = get_all(sent.refs + [e.receive_weights.remote(version) for e in self.engines])
+            self.sync_bytes = int(done[0])  # what rank 0 broadcast
         else:
             state = self.policy.each("state_dict")  # gathered on rank 0 once, shared by all
             get_all([e.load_weights.remote(state.refs[0], version) for e in self.engines]
@@ -416,6 +418,7 @@ class PPOTrainer:
             "time_experience": t2 - t1,
             "time_train": t3 - t2,
             "time_sync": t4 - t3,
+            "sync_gb_per_s": self.sync_bytes / 1e9 / max(t4 - t3, 1e-9),  # 0: object-store path
             "rollout_tokens_per_s": generated / max(t1 - t0, 1e-9),
             "weight_version": self.version,
         }

@@ -92,8 +92,9 @@ def test_a_step_trains_the_policy_and_syncs_its_exact_weights_into_the_engine(tr
     for key in ("reward_mean", "reward_std", "kl", "entropy", "policy_loss", "value_loss",
                 "clip_fraction", "approx_kl", "response_length", "truncated_fraction",
                 "logprob_mismatch", "time_generate", "time_experience", "time_train", "time_sync",
-                "rollout_tokens_per_s"):
+                "sync_gb_per_s", "rollout_tokens_per_s"):
         assert torch.isfinite(torch.tensor(metrics[key])), key
+    assert metrics["sync_gb_per_s"] > 0  # streamed, not through the object store
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy still equalled the reference
     assert metrics["logprob_mismatch"] < 0.05  # vLLM's sampling logprobs ~ the trainer's
     after = greedy(trainer)

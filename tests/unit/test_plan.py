@@ -2,6 +2,7 @@
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,10 @@ from tests.tiny import TINY_MODEL
 CONFIGS = Path(__file__).parents[2] / "configs"
 PLAN_7B, PLAN_70B = CONFIGS / "plan-llama2-7b.yaml", CONFIGS / "plan-llama2-70b.yaml"
 P7B, P70B = 6_738_415_616, 68_976_648_192  # Llama-2's parameters (test_the_published_llama_2_counts)
+# FSDP's largest unit: 7B's root (embeddings + lm_head 2 x 32000 x 4096, final norm 4096), 70B's
+# decoder layer (q, o 8192^2 each; k, v 8192 x 1024 each; MLP 3 x 8192 x 28672; two norms)
+UNIT_7B = 2 * 32000 * 4096 + 4096
+UNIT_70B = 2 * 8192 ** 2 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192
 # configs/test.yaml's model: hidden 64, 2 layers, 2 heads of 32, 1 kv head, MLP 128, vocab 512,
 # context 512, tied embeddings.
 TINY_PARAMS = (
@@ -227,10 +232,16 @@ def test_fsdp_divides_a_trained_roles_state_by_its_workers_and_ddp_does_not():
     ddp = role(plan_run(load_config(PLAN_7B, ["ppo.resources.policy.strategy=ddp"]), 80), "ppo", "policy")
     assert (ddp.weights, ddp.grads, ddp.optimizer) == (4 * P7B, 4 * P7B, 8 * P7B)
     assert (fsdp.weights, fsdp.grads, fsdp.optimizer) == (4 * P7B / 4, 4 * P7B / 4, 8 * P7B / 4)
-    # either way each worker trains on its share of a mini-batch (4 sequences / 4 workers), keeps
-    # autocast's bf16 copy of all weights, and rank 0 one 256 MB weight-sync bucket
+    # either way each worker trains on its share of a mini-batch (4 sequences / 4 workers) and
+    # rank 0 holds one 256 MB weight-sync bucket; ddp keeps autocast's bf16 copy of all weights,
+    # fsdp gathers one unit at a time in bf16 (the root, the largest) and its float32 gradient
     one_sequence = activation_bytes(s, 1 * 4096, True, 16)
-    assert ddp.activations == fsdp.activations == one_sequence + 2 * P7B + 256e6
+    assert ddp.activations == one_sequence + 2 * P7B + 256e6
+    assert fsdp.activations == one_sequence + (2 + 4) * UNIT_7B + 256e6
+    # fsdp on one worker does not shard (rl/roles.py): autocast and its copy again
+    alone = role(plan_run(load_config(PLAN_7B, ["ppo.resources.policy.num_workers=1"]), 80), "ppo", "policy")
+    assert alone.weights == 4 * P7B and alone.activations == activation_bytes(s, 4 * 4096, True, 16) \
+        + 2 * P7B + 256e6
 
 
 def test_fsdp_divides_a_frozen_roles_weights_by_its_replicas_and_replicate_does_not():
@@ -239,8 +250,10 @@ def test_fsdp_divides_a_frozen_roles_weights_by_its_replicas_and_replicate_does_
     fsdp = role(plan_run(load_config(PLAN_7B, ["ppo.resources.reference.strategy=fsdp"]), 80),
                 "ppo", "reference")
     assert (replicate.weights, fsdp.weights) == (4 * P7B, 4 * P7B / 2)  # float32
-    # each replica scores its half of the 16 sequences of a step at once
-    assert replicate.activations == fsdp.activations == forward_bytes(s, 8 * 4096, True, True)
+    # each replica scores its half of the 16 sequences of a step at once; fsdp's replicas gather
+    # one unit at a time in bf16 (autocast's casts, without gradients, are not kept)
+    assert replicate.activations == forward_bytes(s, 8 * 4096, True, True)
+    assert fsdp.activations == forward_bytes(s, 8 * 4096, True, True) + 2 * UNIT_7B
     assert replicate.grads == replicate.optimizer == 0
 
 
@@ -257,17 +270,49 @@ def test_frozen_roles_are_told_how_many_replicas_or_shards_they_need():
     assert whole.note == "needs strategy fsdp over >= 5 replicas (ppo.resources.reference.num_replicas)"
 
 
-def test_the_70b_layout_fits_its_engines_and_frozen_roles_but_autocast_trainers_fit_no_80gb_gpu():
-    """The layout its comment names: 96 GPUs. Policy and value are sharded 32 ways (34.5 GB of
-    state per GPU), but bf16 autocast keeps a whole 138 GB copy of the weights on every worker."""
+def test_the_70b_config_fits_every_ppo_role_on_the_gpus_its_comment_names():
+    """64 GPUs at the default sequence (the whole context): policy and value sharded 22 ways
+    under FSDP's bf16 gather (no autocast copy) with activation checkpointing."""
     ppo = stage(plan_run(load_config(PLAN_70B), 80), "ppo")
-    assert ppo.gpus == 4 * 4 + 32 + 32 + 8 + 8 == ppo_gpus_in_comment(PLAN_70B)
-    assert [(r.role, r.count, r.fits) for r in ppo.roles] == [
-        ("rollout", 4, True), ("policy", 32, False), ("reference", 8, True), ("value", 32, False),
-        ("reward", 8, True)]
+    assert ppo.seq_len == 4096
+    assert [(r.role, r.count, r.fits, r.note) for r in ppo.roles] == [
+        ("rollout", 2, True, ""), ("policy", 22, True, ""), ("reference", 6, True, ""),
+        ("value", 22, True, ""), ("reward", 6, True, "")]
+    assert ppo.gpus == 2 * 4 + 22 + 22 + 6 + 6 == ppo_gpus_in_comment(PLAN_70B) == 8 * 8
     policy = ppo.roles[1]
-    assert policy.weights + policy.grads + policy.optimizer == 16 * P70B / 32
-    assert policy.note == "autocast's bf16 copy of all weights (138 GB) alone exceeds the GPU, FSDP or not"
+    assert policy.placement == "22 x {CPU: 4, GPU: 1} bf16 fsdp"
+    assert policy.weights + policy.grads + policy.optimizer == 16 * P70B / 22
+    # one 4096-token sequence per worker, checkpointed: each layer's bf16 input (80 x 8192 x 2 B
+    # per token), one layer recomputed, PPO's logits; one gathered bf16 decoder layer and its
+    # float32 gradient; rank 0's 256 MB weight-sync bucket
+    s = model_shape(load_config(PLAN_70B))
+    one_layer = 24 * 8192 + 2 * (3 * 8192 + 2 * 8 * 128 + 4 * 28672)
+    update = 4096 * (80 * 8192 * 2 + one_layer + (2 + 16) * 32000)
+    assert activation_bytes(s, 4096, True, 16, checkpointed=True) == update
+    assert policy.activations == update + 6 * UNIT_70B + 256e6
+
+
+def test_70b_trainers_without_activation_checkpointing_are_told_to_turn_it_on():
+    """Without it one 4096-token sequence saves ~159 GB: no number of workers fits."""
+    plan = plan_run(load_config(PLAN_70B, ["ppo.activation_checkpointing=false"]), 80)
+    for name, n in (("policy", 18), ("value", 17)):
+        trainer = role(plan, "ppo", name)
+        assert trainer.fits is False and trainer.activations > 159 * GB
+        assert trainer.note == (f"needs ppo.activation_checkpointing: true and strategy fsdp over "
+                                f">= {n} workers (ppo.resources.{name}.num_workers)")
+
+
+def test_activation_checkpointing_keeps_each_layers_input_and_one_layer():
+    s = model_shape(tiny())  # 2 layers, hidden 64, float32 on a CPU
+    full = activation_bytes(s, 100, False, 16)
+    kept = activation_bytes(s, 100, False, 16, checkpointed=True)
+    one_layer = activation_bytes(replace(s, layers=1), 100, False, None)
+    assert kept == 100 * 2 * 64 * 4 + one_layer + 100 * (4 + 16) * 512
+    assert full - kept == one_layer - 100 * 2 * 64 * 4  # the second layer's, less the kept inputs
+    # test.yaml's policy: one worker, mini-batches of 4 x 512 tokens; the update is its largest pass
+    on = role(plan_run(tiny("ppo.activation_checkpointing=true"), 80), "ppo", "policy")
+    off = role(plan_run(tiny(), 80), "ppo", "policy")
+    assert off.activations - on.activations == (full - kept) * 4 * 512 // 100
 
 
 def test_7b_sft_needs_fsdp_and_fits_over_the_gpus_the_plan_names():
