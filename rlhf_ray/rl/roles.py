@@ -229,6 +229,8 @@ class _Worker:
     output (TokenValues, SequenceScores), wrapped for the strategy once the group is joined.
     """
 
+    trains = False  # trained roles always join their group; frozen ones only to shard
+
     def __init__(self, device: str | torch.device | None, precision: str, threads: int | None,
                  rank: int, world_size: int, strategy: Strategy) -> None:
         self.device, self.bf16 = _setup(device, precision, threads)
@@ -255,11 +257,11 @@ class _Worker:
         """Join the role's torch.distributed group at host:port (with more than one worker) and
         wrap `net` for the strategy. Every worker calls it at once; alone it only wraps."""
         if self.world_size > 1 and (self.sharded or self.trains):
+            if self.device.type == "cuda":  # NCCL binds the group to the current device
+                torch.cuda.set_device(self.device)
             dist.init_process_group(weight_sync.backend_for(self.device),
                                     init_method=f"tcp://{host}:{port}", rank=self.rank,
                                     world_size=self.world_size, timeout=GROUP_TIMEOUT)
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
         if self.sharded:
             # Under bf16, FSDP gathers each unit's parameters as bf16 and frees them after use;
             # autocast instead would cast every gathered weight and keep all the casts for the
@@ -272,8 +274,6 @@ class _Worker:
             self.bf16 = False  # no autocast on top
         elif self.trains and self.world_size > 1:
             self.net = DistributedDataParallel(self.net)
-
-    trains = False
 
     def _my_rows(self, exp: Experience) -> tuple[Experience, int]:
         """This rank's rows and how many they are. A rank with no rows runs the first row with
@@ -299,17 +299,13 @@ class _Worker:
             return {}
         return {name: t.detach().cpu() for name, t in self.model.state_dict().items()}
 
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _all_sum(values: list[torch.Tensor | float], world_size: int) -> list[float]:
-    """Element-wise sums over the role's ranks (the values themselves alone)."""
-    stacked = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    if world_size > 1:
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        """Element-wise sums over the role's ranks (the values themselves alone)."""
+        if self.world_size == 1:
+            return values
+        stacked = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(stacked)
-    return stacked.tolist()
+        return stacked.tolist()
 
 
 class _Trainable(_Worker):
@@ -354,7 +350,7 @@ class _Trainable(_Worker):
             for mb in exp.mini_batches(ppo.mini_batch_size, seed=seed * 1_000 + epoch):
                 share, count = self._my_rows(mb)
                 tokens = float(share.response_mask[:count].sum())
-                total = _all_sum([tokens], self.world_size)[0]
+                total = self._sum_over_ranks([tokens])[0]
                 yield share, tokens * self.world_size / max(total, 1.0)
 
     def _apply(self, loss: torch.Tensor, weight: float, grad_clip: float, norms: list[float]
@@ -363,7 +359,7 @@ class _Trainable(_Worker):
         finite (then no rank steps); whether it stepped. Every rank calls it as often."""
         assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=True)
-        finite = _all_sum([not torch.isfinite(loss).item()], self.world_size)[0] == 0
+        finite = self._sum_over_ranks([float(not torch.isfinite(loss).item())])[0] == 0
         if finite:
             (loss * weight).backward()
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
@@ -381,7 +377,7 @@ class _Trainable(_Worker):
     def _mean_stats(self, stats: dict[str, torch.Tensor], weight: float) -> dict[str, float]:
         """The share's statistics (token means over the share) as the mini-batch's token means."""
         keys = list(stats)
-        sums = _all_sum([stats[k].item() * weight / self.world_size for k in keys], self.world_size)
+        sums = self._sum_over_ranks([stats[k].item() * weight / self.world_size for k in keys])
         return dict(zip(keys, sums))
 
     def _update_stats(self, role: str, norms: list[float], steps: int) -> dict[str, float]:
