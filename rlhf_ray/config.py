@@ -442,6 +442,12 @@ class PPOConfig(_NoFraction):
         "recompute the rest in the backward (about a third more compute; long sequences of "
         "large models need it).",
     )
+    weight_sync: Literal["stream", "object_store"] = Field(
+        "stream", description="stream: the policy's rank 0 broadcasts its weights to every "
+        "engine worker in buckets over a torch.distributed group (gloo on CPU, NCCL on GPU), "
+        "falling back to the object store where the group cannot be formed. object_store: one "
+        "blob through Ray's object store (slower; for comparison and debugging).",
+    )
     sync_bucket_mb: float = Field(
         256.0, gt=0, description="Weight sync sends the policy's parameters to the engines in "
         "buckets of about this size: no process holds more of a gathered sharded model.",

@@ -292,6 +292,10 @@ class PPOTrainer:
         world = 1 + len(self.engines) * tp
         backend = "nccl" if res.policy.num_gpus > 0 and res.rollout.num_gpus > 0 else "gloo"
         assert self.policy is not None
+        if self.ppo.weight_sync == "object_store":
+            self.streamed = False
+            self.log("weight sync: through Ray's object store (ppo.weight_sync: object_store)")
+            return
         try:
             host, port = self.policy.first("node_address").get()
             joins = [self.policy.first("join_weight_sync", host, port, world, backend).refs[0]]

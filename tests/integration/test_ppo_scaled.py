@@ -1,6 +1,7 @@
 """PPO scaled out on real Ray and real vLLM engines: policy and value in groups of two, the
 reference in two replicas, two engines fed by the streamed weight sync; a checkpoint of two FSDP
-workers resumes in one, and a killed policy worker costs only the steps since the checkpoint."""
+workers resumes in one, and a killed policy worker costs only the steps since the checkpoint.
+The object-store sync, kept for where no group can be formed, puts the same weights in."""
 
 import json
 import os
@@ -66,6 +67,22 @@ def test_ppo_scaled_out_syncs_every_engine_and_its_checkpoint_resumes_in_one_wor
             trainer.save_checkpoint(step + 1)
         finally:
             trainer.close()
+
+
+def test_the_object_store_sync_puts_the_same_weights_into_the_engine(tiny_policy_dir, tiny_reward_dir,
+                                                                     tmp_path):
+    cfg = make_run(tmp_path, tiny_policy_dir, tiny_reward_dir, "ppo.weight_sync=object_store",
+                   "ppo.policy_lr=3e-3", "ppo.max_new_tokens=12")
+    files = data_files(cfg)
+    logged: list[str] = []
+    blob = PPOTrainer(cfg, files["rl"], files["rl_eval"], log=logged.append)
+    try:
+        assert "weight sync: through Ray's object store (ppo.weight_sync: object_store)" in logged
+        before = greedy(blob)
+        assert blob.step(0)["sync_gb_per_s"] == 0  # nothing streamed
+        assert greedy(blob) != before and greedy(blob) == hf_greedy_with_policy_weights(blob)
+    finally:
+        blob.close()
 
 
 def policy_worker_pids() -> list[int]:
