@@ -422,7 +422,8 @@ class PolicyRole(_Trainable):
     """The trained policy: logprobs, PPO updates, and its weights for the rollout engines."""
 
     load_model = staticmethod(load_policy)
-    sync_group: Any = None
+    sync_group: Any = None  # the weight-sync group, on rank 0 once joined
+    sync_backend = "gloo"
 
     def logprobs(self, exp: Experience) -> torch.Tensor:
         """The current policy's logprob of every next token of this rank's rows, at exp's
@@ -499,6 +500,8 @@ class PolicyRole(_Trainable):
             for _ in tensors():
                 pass
             return 0
+        if self.sync_group is None:
+            raise RuntimeError("send_weights before join_weight_sync: no group to send over")
         device = self.device if self.sync_backend == "nccl" else torch.device("cpu")
         return weight_sync.send(self.sync_group, ((n, t.to(device)) for n, t in tensors()),
                                 bucket_bytes, device)

@@ -16,12 +16,25 @@ fails (parameters are repacked after loading and lose their `weight_loader`).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load
 
 from rlhf_ray.rl import weight_sync
+
+
+class _RotaryReloadFilter(logging.Filter):
+    """vLLM warns at every reload that the rotary embedding "failed to load weights": it has
+    none in the checkpoint (its cache is computed, and vLLM puts it back). Any other layer's
+    warning still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
 
 
 class WeightSyncExtension:
