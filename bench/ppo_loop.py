@@ -13,11 +13,12 @@ next to a bare vLLM generate and an engine-actor generate of the same 64 prompt 
      Ray call to the engine actor, vLLM, the rollouts coming back) vs a `RolloutEngine` in this
      process, tokens / wall time of `generate`. Medians. Target: in-loop >= 0.9x bare. A
      diagnostic row times the engine actor alone (`trainer.generate`, outside a step) the same way.
- (b) weight sync: the step's `time_sync` (policy state dict through Ray's object store into the
-     engine actor, safetensors blob into vLLM's worker, reload, version check) vs copying the same
-     bytes in memory (`clone` of every tensor); in between: a safetensors save + load round trip,
-     the Ray fetch of the state dict alone, and `load_weights` on the bare engine (no Ray).
-     Medians of 9 repeats after the PPO steps.
+ (b) weight sync: the step's `time_sync` (the policy's weights streamed in buckets over the
+     weight-sync group into vLLM's worker, reload, version check; the object-store path only
+     where no group forms, the log says which) vs copying the same bytes in memory (`clone` of
+     every tensor); in between: a safetensors save + load round trip, the Ray fetch of the state
+     dict alone, and `load_weights` on the bare engine (no Ray). Medians of 9 repeats after the
+     PPO steps. bench/weight_sync.py measures the sync itself at three model sizes.
  (c) step time: median wall time of `PPOTrainer.step` (rollout, reference logprobs, reward,
      advantages, update, sync) vs TRL's GRPOTrainer on the same model folder, prompts, group and
      max_new_tokens (bench/trl_grpo.py, median of its timed steps, every completion forced to
@@ -27,8 +28,16 @@ next to a bare vLLM generate and an engine-actor generate of the same 64 prompt 
 Every contender is sensitive to other jobs on the machine (2-thread torch ops stall when a core is
 taken), so the load average is printed before, between the halves and at the end.
 
+`--policy-workers 1,2` measures something else instead: the PPO step and each of its phases with
+1 vs 2 policy workers (a DDP group), one PPOTrainer per count alive at once on the same 2-CPU Ray
+(their bundles shrunk to fit: rollout 0.25, policy 0.25 per worker, reference 0.125 CPUs), their
+steps interleaved (order alternated) after one warm-up each. The torch threads are split over
+the workers (`--threads` / workers each), so every count has the same cores: what differs is
+the group (the row split, DDP's gradient all-reduce over gloo, rank 0 gathering for the sync).
+
     .venv/bin/python bench/ppo_loop.py [--steps 5] [--max-new-tokens 128] [--group 8]
                                        [--prompts 8] [--threads 2] [--skip-trl]
+                                       [--policy-workers 1,2] [--set ppo.key=value ...]
 """
 
 from __future__ import annotations
@@ -83,9 +92,10 @@ def make_model_and_prompts(cfg: RunConfig, num_prompts: int) -> tuple[Path, list
     return model_dir, prompts
 
 
-def ppo_config(runs_dir: Path, args: argparse.Namespace) -> RunConfig:
+def ppo_config(runs_dir: Path, args: argparse.Namespace, name: str = "bench",
+               extra: list[str] | None = None) -> RunConfig:
     return load_config(REPO / "configs" / "test.yaml", [
-        f"runs_dir={runs_dir}", "name=bench",
+        f"runs_dir={runs_dir}", f"name={name}",
         "model.hidden_size=256", "model.num_layers=4", "model.num_heads=4", "model.num_kv_heads=4",
         "model.intermediate_size=768", "model.max_seq_len=512",
         "ppo.estimator=grpo", f"ppo.samples_per_prompt={args.group}",
@@ -94,7 +104,8 @@ def ppo_config(runs_dir: Path, args: argparse.Namespace) -> RunConfig:
         "ppo.kl_mode=loss", "ppo.kl_estimator=k3",
         "ppo.reward_source=function", "ppo.reward_function=bench.ppo_loop:length_reward",
         "ppo.old_logprobs=rollout", "ppo.temperature=1.0", "ppo.top_p=1.0",
-        f"ppo.resources.policy.threads={args.threads}", f"ppo.resources.reference.threads={args.threads}"])
+        f"ppo.resources.policy.threads={args.threads}", f"ppo.resources.reference.threads={args.threads}",
+        *(extra or []), *args.set])
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 9) -> float:
@@ -115,7 +126,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of our policy and "
                         "reference actors and of TRL (vLLM picks its own: 1 on a 2-core machine)")
     parser.add_argument("--skip-trl", action="store_true", help="leave out TRL (c)")
+    parser.add_argument("--policy-workers", default="", help="e.g. 1,2: instead of (a)-(c), the "
+                        "PPO step with each number of policy workers, side by side")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every trainer (repeatable)")
     args = parser.parse_args()
+    if args.policy_workers:
+        compare_policy_workers(args, [int(n) for n in args.policy_workers.split(",")])
+        return
 
     from rlhf_ray.rl.ppo import PPOTrainer
     from rlhf_ray.memory import rollout_sequences
@@ -176,7 +194,7 @@ def main() -> None:
         load_middle = os.getloadavg()
 
         # (b) the bytes one sync moves: every entry of the policy's state dict (tied lm_head included)
-        state = ray.get(trainer.policy.state_dict.remote())
+        state = trainer.policy.each("state_dict").get()  # rank 0's gathered dict
         nbytes = sum(t.numel() * t.element_size() for t in state.values())
         next_version = iter(range(1, 1000))
         sync = {
@@ -184,7 +202,7 @@ def main() -> None:
             "bare engine load_weights": median_seconds(
                 lambda: engine.load_weights(state, next(next_version))),
             "Ray fetch of the state dict": median_seconds(
-                lambda: ray.get(trainer.policy.state_dict.remote())),
+                lambda: trainer.policy.each("state_dict").get()),
             "safetensors save + load": median_seconds(
                 lambda: load(save({k: v.clone() for k, v in state.items()}))),
             "memcpy (clone every tensor)": median_seconds(lambda: {k: v.clone() for k, v in state.items()}),
@@ -253,6 +271,67 @@ def main() -> None:
     parts = ("time_generate", "time_experience", "time_train", "time_sync")
     print("\nour step, medians: " + ", ".join(
         f"{p[5:]} {statistics.median(m[p] for m in steps):.2f}s" for p in parts))
+
+
+PHASES = ("time_generate", "time_experience", "time_train", "time_sync")
+
+
+def compare_policy_workers(args: argparse.Namespace, counts: list[int]) -> None:
+    """The PPO step with each number of policy workers, the trainers alive together, their steps
+    interleaved; a table of medians and their ratios to the first count."""
+    from rlhf_ray.rl.ppo import PPOTrainer
+
+    load_before, started = os.getloadavg(), time.perf_counter()
+    trainers: dict[int, PPOTrainer] = {}
+    steps: dict[int, list[dict[str, float]]] = {n: [] for n in counts}
+    with tempfile.TemporaryDirectory() as tmp:
+        ray.init(num_cpus=2, include_dashboard=False)
+        try:
+            for n in counts:
+                cfg = ppo_config(Path(tmp), args, name=f"bench-w{n}", extra=[
+                    f"ppo.resources.policy.num_workers={n}",
+                    f"ppo.resources.policy.threads={max(1, args.threads // n)}",
+                    "ppo.resources.rollout.num_cpus=0.25", "ppo.resources.policy.num_cpus=0.25",
+                    "ppo.resources.reference.num_cpus=0.125"])
+                make_model_and_prompts(cfg, args.prompts)
+                trainers[n] = PPOTrainer(cfg, [cfg.run_dir / "prompts.jsonl"], [],
+                                         log=lambda m, n=n: print(f"[{n} workers] {m}", flush=True))
+            for i in range(args.steps + 1):  # step 0: warm-up
+                for n in counts[i % len(counts):] + counts[: i % len(counts)]:
+                    start = time.perf_counter()
+                    m = trainers[n].step(i)
+                    m["wall"] = time.perf_counter() - start
+                    print(f"[{n} workers] step {i}{' (warm-up)' if i == 0 else ''}: "
+                          f"{m['wall']:.2f}s (" + ", ".join(f"{p[5:]} {m[p]:.2f}" for p in PHASES) +
+                          f"), len {m['response_length']:.1f}, policy_loss {m['policy_loss']:.4f}; "
+                          f"load {os.getloadavg()[0]:.2f}", flush=True)
+                    if i:
+                        steps[n].append(m)
+        finally:
+            for trainer in trainers.values():
+                trainer.close()
+            ray.shutdown()
+    load_after, wall = os.getloadavg(), time.perf_counter() - started
+    import vllm  # already loaded by rlhf_ray.rl.rollout
+
+    print(f"\nmachine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, vllm "
+          f"{vllm.__version__}, ray {ray.__version__}; load average (1/5/15 min) before "
+          f"{'/'.join(f'{x:.2f}' for x in load_before)}, at the end "
+          f"{'/'.join(f'{x:.2f}' for x in load_after)}; {args.prompts} prompts x {args.group} "
+          f"samples x {args.max_new_tokens} new tokens; medians of {args.steps} interleaved steps "
+          f"after 1 warm-up; {args.threads} torch threads split over the policy workers; wall "
+          f"{wall:.0f}s\n")
+    base = counts[0]
+    rows = {"step (wall)": "wall", **{p[5:]: p for p in PHASES},
+            "response length (tokens)": "response_length"}
+    print("| measure | " + " | ".join(f"{n} policy worker{'s' * (n > 1)}" for n in counts) + " | " +
+          " | ".join(f"{n} / {base}" for n in counts[1:]) + " |")
+    print("|---|" + "---:|" * (2 * len(counts) - 1))
+    for label, key in rows.items():
+        med = {n: statistics.median(m[key] for m in steps[n]) for n in counts}
+        unit = "" if key == "response_length" else " s"
+        print(f"| {label} | " + " | ".join(f"{med[n]:.2f}{unit}" for n in counts) + " | " +
+              " | ".join(f"{med[n] / med[base]:.2f}x" for n in counts[1:]) + " |")
 
 
 if __name__ == "__main__":

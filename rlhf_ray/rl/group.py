@@ -67,7 +67,7 @@ class RoleGroup:
         group = cls(name, workers)
         try:
             if world > 1:
-                host, port = ray.get(workers[0].node_address.remote())
+                host, port = ray.get(workers[0].open_group_store.remote())
                 group.each("join", host, port).get()
             else:
                 group.each("ready").get()  # construction errors surface here

@@ -39,7 +39,7 @@ from rlhf_ray.data.readers import read_many
 from rlhf_ray.data.records import PromptRecord
 from rlhf_ray.modeling import check_model_folder, model_max_len
 from rlhf_ray.plan import check_fits_here
-from rlhf_ray.rl import actors
+from rlhf_ray.rl import actors, weight_sync
 from rlhf_ray.rl.group import Pending, RoleGroup, get_all
 from rlhf_ray.rl.algorithms import (
     KLController,
@@ -236,6 +236,22 @@ class PPOTrainer:
     def _groups(self) -> list[RoleGroup]:
         return [g for g in (self.policy, self.reference, self.value, self.reward_model) if g]
 
+    def dead_workers(self, timeout_s: float = 30.0) -> list[str]:
+        """The engines and role workers that no longer answer because they died (a worker
+        still busy within the timeout is not counted)."""
+        named = {f"rollout engine {i}": e for i, e in enumerate(self.engines)}
+        named |= {f"{g.name} worker {rank}": w for g in self._groups() for rank, w in enumerate(g.workers)}
+        pings = {name: worker.ready.remote() for name, worker in named.items()}
+        done, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=timeout_s)
+        dead = []
+        for name, ref in pings.items():
+            if ref in done:
+                try:
+                    ray.get(ref)
+                except RayActorError:
+                    dead.append(name)
+        return dead
+
     def _trained(self) -> list[RoleGroup]:
         return [g for g in (self.policy, self.value) if g]
 
@@ -297,11 +313,11 @@ class PPOTrainer:
             self.log("weight sync: through Ray's object store (ppo.weight_sync: object_store)")
             return
         try:
-            host, port = self.policy.first("node_address").get()
-            joins = [self.policy.first("join_weight_sync", host, port, world, backend).refs[0]]
+            host, port = self.policy.first("open_weight_sync", world).get()
+            joins = [self.policy.first("join_weight_sync", world, backend).refs[0]]
             joins += [e.join_weight_sync.remote(host, port, 1 + i * tp, world, backend)
                       for i, e in enumerate(self.engines)]
-            get_all(joins, timeout=300)
+            get_all(joins, timeout=weight_sync.JOIN_TIMEOUT.total_seconds() + 60)
         except Exception as e:  # noqa: BLE001 - any failure leaves the object-store path
             self.streamed = False
             self.log(f"weight sync: no torch.distributed group could be formed ({e}); the "
@@ -526,14 +542,18 @@ def run_ppo(cfg: RunConfig, train_files: list[Path], eval_files: list[Path],
             try:
                 run_steps(trainer, metrics_path, log)
                 break
-            except RayActorError as e:
+            except Exception as e:
+                # A dead worker surfaces as its own death or as its peers' broken collective.
+                dead = trainer.dead_workers()
+                if not dead:
+                    raise
                 if restarts_left == 0:
-                    raise RuntimeError(f"a PPO role worker died and ppo.role_restarts="
+                    raise RuntimeError(f"{', '.join(dead)} died and ppo.role_restarts="
                                        f"{ppo.role_restarts} are used up: {e}") from None
                 restarts_left -= 1
                 trainer.close()
                 checkpoint = latest_checkpoint(trainer.checkpoints)
-                log(f"a PPO role worker died ({type(e).__name__}); recreating the roles from "
+                log(f"a PPO role worker died ({', '.join(dead)}); recreating the roles from "
                     f"{checkpoint or 'the start'} (ppo.role_restarts: {restarts_left} left)")
                 trainer = PPOTrainer(cfg, train_files, eval_files, log)
         out = cfg.run_dir / "rlhf"

@@ -215,6 +215,13 @@ def shard_rows(n: int, rank: int, world_size: int) -> slice:
     return slice(start, start + base + (rank < extra))
 
 
+def node_address() -> str:
+    """This node's address, as Ray knows it (the only use of Ray in the roles)."""
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
 Strategy = Literal["ddp", "fsdp", "replicate"]
 GROUP_TIMEOUT = timedelta(minutes=10)  # a collective that waits longer fails (a peer died)
 
@@ -242,26 +249,30 @@ class _Worker:
         """True once constructed (lets a controller wait for an actor to start)."""
         return True
 
-    def node_address(self) -> tuple[str, int]:
-        """This node's address and a free port on it: where rank 0 serves the group's store."""
-        import ray  # the only use of Ray in the roles
-
-        host = ray.util.get_node_ip_address()
-        return host, weight_sync.free_port(host)
+    def open_group_store(self) -> tuple[str, int]:
+        """Rank 0 opens its group's store; where the other workers connect to it."""
+        self.store = weight_sync.open_store(node_address(), self.world_size, GROUP_TIMEOUT)
+        return node_address(), self.store.port
 
     @property
     def sharded(self) -> bool:
-        return self.strategy == "fsdp" and self.world_size > 1
+        """FSDP over the role's group: formed by `join` with more than one worker, or made by
+        the caller for a single worker (bench/gpu_ppo_update.py runs FSDP2 at world size 1)."""
+        return self.strategy == "fsdp" and dist.is_initialized()
 
     def join(self, host: str | None = None, port: int | None = None) -> None:
-        """Join the role's torch.distributed group at host:port (with more than one worker) and
-        wrap `net` for the strategy. Every worker calls it at once; alone it only wraps."""
-        if self.world_size > 1 and (self.sharded or self.trains):
+        """Join the role's torch.distributed group through rank 0's store at host:port (with
+        more than one worker) and wrap `net` for the strategy. Every worker calls it at once;
+        alone it only wraps."""
+        if self.world_size > 1 and (self.strategy == "fsdp" or self.trains):
             if self.device.type == "cuda":  # NCCL binds the group to the current device
                 torch.cuda.set_device(self.device)
-            dist.init_process_group(weight_sync.backend_for(self.device),
-                                    init_method=f"tcp://{host}:{port}", rank=self.rank,
-                                    world_size=self.world_size, timeout=GROUP_TIMEOUT)
+            assert host is not None and port is not None
+            store = (self.store if self.rank == 0
+                     else weight_sync.connect_store(host, port, self.world_size, GROUP_TIMEOUT))
+            dist.init_process_group(weight_sync.backend_for(self.device), store=store,
+                                    rank=self.rank, world_size=self.world_size,
+                                    timeout=GROUP_TIMEOUT)
         if self.sharded:
             # Under bf16, FSDP gathers each unit's parameters as bf16 and frees them after use;
             # autocast instead would cast every gathered weight and keep all the casts for the
@@ -478,9 +489,14 @@ class PolicyRole(_Trainable):
         (empty on the others; every rank takes part)."""
         return self._full_state()
 
-    def join_weight_sync(self, host: str, port: int, world_size: int, backend: str) -> None:
+    def open_weight_sync(self, world_size: int) -> tuple[str, int]:
+        """Rank 0 opens the weight-sync group's store; where the engines' workers connect."""
+        self.sync_store = weight_sync.open_store(node_address(), world_size)
+        return node_address(), self.sync_store.port
+
+    def join_weight_sync(self, world_size: int, backend: str) -> None:
         """Rank 0 joins the weight-sync group with the engines' workers, as its rank 0."""
-        self.sync_group = weight_sync.join_group(host, port, 0, world_size, backend)
+        self.sync_group = weight_sync.join_group(self.sync_store, 0, world_size, backend)
         self.sync_backend = backend
 
     def send_weights(self, bucket_bytes: int, dtype: str) -> int:

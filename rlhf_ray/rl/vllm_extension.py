@@ -59,7 +59,8 @@ class WeightSyncExtension:
         rank = first_rank + int(getattr(self, "rank", 0))
         if backend == "nccl":
             self.sync_device = torch.device("cuda", torch.cuda.current_device())
-        self.sync_group = weight_sync.join_group(host, port, rank, world_size, backend)
+        store = weight_sync.connect_store(host, port, world_size)
+        self.sync_group = weight_sync.join_group(store, rank, world_size, backend)
         return rank
 
     def receive_weights(self, version: int) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import pickle
 import queue
-import socket
 import threading
 from datetime import timedelta
 from typing import Iterable, Iterator
@@ -29,26 +28,31 @@ import torch.distributed as dist
 
 Header = list[tuple[str, tuple[int, ...], torch.dtype]]
 
-JOIN_TIMEOUT = timedelta(minutes=5)
+JOIN_TIMEOUT = timedelta(minutes=2)  # members that have not all joined by then fail
 
 
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def free_port(host: str) -> int:
-    """A TCP port free on `host` now (the group's store listens on it next)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def open_store(host: str, world_size: int, timeout: timedelta = JOIN_TIMEOUT) -> dist.TCPStore:
+    """Rank 0's store of a group: it listens on a port the OS picks as it binds (`store.port`),
+    so no other process can take the port between choosing and binding it."""
+    return dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
+                         timeout=timeout)
 
 
-def join_group(host: str, port: int, rank: int, world_size: int, backend: str,
+def connect_store(host: str, port: int, world_size: int,
+                  timeout: timedelta = JOIN_TIMEOUT) -> dist.TCPStore:
+    """Another member's connection to rank 0's store."""
+    return dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+
+
+def join_group(store: dist.Store, rank: int, world_size: int, backend: str,
                timeout: timedelta = JOIN_TIMEOUT) -> dist.ProcessGroup:
-    """Join the stand-alone group whose store rank 0 serves on host:port; returns once all
-    `world_size` members have joined."""
-    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
-    prefixed = dist.PrefixStore(f"rlhf-ray-weight-sync-{port}", store)
+    """Join the stand-alone group over `store` (rank 0's `open_store`, or a `connect_store` to
+    it); returns once all `world_size` members have joined."""
+    prefixed = dist.PrefixStore("rlhf-ray-weight-sync", store)
     if backend == "gloo":
         return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
     if backend == "nccl":

@@ -112,7 +112,7 @@ def test_a_killed_policy_worker_recreates_the_roles_from_the_last_checkpoint(
     files = data_files(cfg)
     run_ppo(cfg, files["rl"], files["rl_eval"], log=logged.append)
     assert killed, "the policy worker was never killed"
-    assert any("a PPO role worker died" in m and "step_000002" in m for m in logged), logged
+    assert any("a PPO role worker died (policy worker" in m and "step_000002" in m for m in logged), logged
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics" / "ppo.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(5))  # none lost, none repeated
     assert {r["resumed_from"] for r in rows[3:]} == {2}
