@@ -414,7 +414,8 @@ class PPOConfig(_NoFraction):
     keep_checkpoints: int = Field(2, ge=1, description="Keep this many latest PPO checkpoints.")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Compute dtype of the policy/value/reference/reward forward passes "
-        "(bf16 autocast, float32 weights); auto as in the training stages.",
+        "(bf16 autocast over float32 weights; FSDP-sharded roles gather their float32 shards "
+        "as bf16 instead); auto as in the training stages.",
     )
     rollout_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="vLLM's dtype for rollouts. auto: bfloat16 on a GPU, float32 on a CPU "
