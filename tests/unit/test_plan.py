@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaForSequenceClassification, Qwen2Config, Qwen2ForCausalLM
 
-from rlhf_ray.config import load_config
+from rlhf_ray.config import PPOConfig, load_config
 from rlhf_ray.modeling import count_parameters, llama_config, load_policy, load_scalar_model, new_policy
 from rlhf_ray.plan import (
     GB,
@@ -33,6 +33,7 @@ P7B, P70B = 6_738_415_616, 68_976_648_192  # Llama-2's parameters (test_the_publ
 # decoder layer (q, o 8192^2 each; k, v 8192 x 1024 each; MLP 3 x 8192 x 28672; two norms)
 UNIT_7B = 2 * 32000 * 4096 + 4096
 UNIT_70B = 2 * 8192 ** 2 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192
+BUCKET = PPOConfig().sync_bucket_mb * 1e6  # the policy's rank 0 holds one weight-sync bucket
 # configs/test.yaml's model: hidden 64, 2 layers, 2 heads of 32, 1 kv head, MLP 128, vocab 512,
 # context 512, tied embeddings.
 TINY_PARAMS = (
@@ -233,15 +234,15 @@ def test_fsdp_divides_a_trained_roles_state_by_its_workers_and_ddp_does_not():
     assert (ddp.weights, ddp.grads, ddp.optimizer) == (4 * P7B, 4 * P7B, 8 * P7B)
     assert (fsdp.weights, fsdp.grads, fsdp.optimizer) == (4 * P7B / 4, 4 * P7B / 4, 8 * P7B / 4)
     # either way each worker trains on its share of a mini-batch (4 sequences / 4 workers) and
-    # rank 0 holds one 256 MB weight-sync bucket; ddp keeps autocast's bf16 copy of all weights,
+    # rank 0 holds one weight-sync bucket; ddp keeps autocast's bf16 copy of all weights,
     # fsdp gathers one unit at a time in bf16 (the root, the largest) and its float32 gradient
     one_sequence = activation_bytes(s, 1 * 4096, True, 16)
-    assert ddp.activations == one_sequence + 2 * P7B + 256e6
-    assert fsdp.activations == one_sequence + (2 + 4) * UNIT_7B + 256e6
+    assert ddp.activations == one_sequence + 2 * P7B + BUCKET
+    assert fsdp.activations == one_sequence + (2 + 4) * UNIT_7B + BUCKET
     # fsdp on one worker does not shard (rl/roles.py): autocast and its copy again
     alone = role(plan_run(load_config(PLAN_7B, ["ppo.resources.policy.num_workers=1"]), 80), "ppo", "policy")
     assert alone.weights == 4 * P7B and alone.activations == activation_bytes(s, 4 * 4096, True, 16) \
-        + 2 * P7B + 256e6
+        + 2 * P7B + BUCKET
 
 
 def test_fsdp_divides_a_frozen_roles_weights_by_its_replicas_and_replicate_does_not():
@@ -284,18 +285,18 @@ def test_the_70b_config_fits_every_ppo_role_on_the_gpus_its_comment_names():
     assert policy.weights + policy.grads + policy.optimizer == 16 * P70B / 22
     # one 4096-token sequence per worker, checkpointed: each layer's bf16 input (80 x 8192 x 2 B
     # per token), one layer recomputed, PPO's logits; one gathered bf16 decoder layer and its
-    # float32 gradient; rank 0's 256 MB weight-sync bucket
+    # float32 gradient; rank 0's weight-sync bucket
     s = model_shape(load_config(PLAN_70B))
     one_layer = 24 * 8192 + 2 * (3 * 8192 + 2 * 8 * 128 + 4 * 28672)
     update = 4096 * (80 * 8192 * 2 + one_layer + (2 + 16) * 32000)
     assert activation_bytes(s, 4096, True, 16, checkpointed=True) == update
-    assert policy.activations == update + 6 * UNIT_70B + 256e6
+    assert policy.activations == update + 6 * UNIT_70B + BUCKET
 
 
 def test_70b_trainers_without_activation_checkpointing_are_told_to_turn_it_on():
     """Without it one 4096-token sequence saves ~159 GB: no number of workers fits."""
     plan = plan_run(load_config(PLAN_70B, ["ppo.activation_checkpointing=false"]), 80)
-    for name, n in (("policy", 18), ("value", 17)):
+    for name, n in (("policy", 17), ("value", 17)):
         trainer = role(plan, "ppo", name)
         assert trainer.fits is False and trainer.activations > 159 * GB
         assert trainer.note == (f"needs ppo.activation_checkpointing: true and strategy fsdp over "
