@@ -331,7 +331,7 @@ class PPOTrainer:
         """Put the policy's current weights into every engine as `version`."""
         assert self.policy is not None
         if self.streamed:
-            bucket = int(self.ppo.sync_bucket_mb * 2**20)
+            bucket = int(self.ppo.sync_bucket_mb * 1e6)  # MB as rlhf-ray plan counts it
             sent = self.policy.each("send_weights", bucket, self.engine_dtype)
             done = get_all(sent.refs + [e.receive_weights.remote(version) for e in self.engines])
             self.sync_bytes = int(done[0])  # what rank 0 broadcast
@@ -339,6 +339,7 @@ class PPOTrainer:
             state = self.policy.each("state_dict")  # gathered on rank 0 once, shared by all
             get_all([e.load_weights.remote(state.refs[0], version) for e in self.engines]
                     + state.refs)
+            self.sync_bytes = 0  # nothing streamed
 
     def sync_weights(self) -> None:
         """Send the policy's weights to every engine as the next version."""

@@ -25,13 +25,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -46,7 +41,7 @@ from rlhf_ray.rl.algorithms import (
 )
 from rlhf_ray.rl import weight_sync
 from rlhf_ray.tokenizer import load_tokenizer
-from rlhf_ray.train.loop import FULL_ON_RANK0, uses_bf16
+from rlhf_ray.train.loop import gather_state, shard, uses_bf16
 from rlhf_ray.train.optim import make_optimizer
 
 if TYPE_CHECKING:  # rollout.py imports vLLM, which the trainer side does not need
@@ -251,8 +246,9 @@ class _Worker:
 
     def open_group_store(self) -> tuple[str, int]:
         """Rank 0 opens its group's store; where the other workers connect to it."""
-        self.store = weight_sync.open_store(node_address(), self.world_size, GROUP_TIMEOUT)
-        return node_address(), self.store.port
+        host = node_address()
+        self.store = weight_sync.open_store(host, self.world_size, GROUP_TIMEOUT)
+        return host, self.store.port
 
     @property
     def sharded(self) -> bool:
@@ -278,10 +274,7 @@ class _Worker:
             # autocast instead would cast every gathered weight and keep all the casts for the
             # backward: a whole bf16 copy of the model on every worker, however many.
             mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            policy = mixed if self.bf16 else MixedPrecisionPolicy()
-            for layer in self.model.model.layers:  # one unit per decoder layer, the rest the root's
-                fully_shard(layer, mp_policy=policy)
-            fully_shard(self.net, mp_policy=policy)
+            shard(self.model, root=self.net, mixed_precision=mixed if self.bf16 else None)
             self.bf16 = False  # no autocast on top
         elif self.trains and self.world_size > 1:
             self.net = DistributedDataParallel(self.net)
@@ -305,7 +298,7 @@ class _Worker:
         """The whole model's state under its Hugging Face names, on rank 0's CPU (empty on the
         others). Every rank takes part."""
         if self.sharded:
-            return get_model_state_dict(self.model, options=FULL_ON_RANK0)
+            return gather_state(self.model, None)[0]
         if self.rank != 0:
             return {}
         return {name: t.detach().cpu() for name, t in self.model.state_dict().items()}
@@ -412,7 +405,7 @@ class _Trainable(_Worker):
     def save_optimizer(self, path: Path) -> None:
         """AdamW's whole state keyed by parameter name, so any number of workers can load it."""
         assert self.optimizer is not None
-        state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL_ON_RANK0)
+        state = gather_state(self.model, self.optimizer)[1]
         if self.rank == 0:
             torch.save(state, Path(path))
 
@@ -491,8 +484,9 @@ class PolicyRole(_Trainable):
 
     def open_weight_sync(self, world_size: int) -> tuple[str, int]:
         """Rank 0 opens the weight-sync group's store; where the engines' workers connect."""
-        self.sync_store = weight_sync.open_store(node_address(), world_size)
-        return node_address(), self.sync_store.port
+        host = node_address()
+        self.sync_store = weight_sync.open_store(host, world_size)
+        return host, self.sync_store.port
 
     def join_weight_sync(self, world_size: int, backend: str) -> None:
         """Rank 0 joins the weight-sync group with the engines' workers, as its rank 0."""

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from rlhf_ray.config import TrainStage
@@ -164,11 +164,14 @@ def train(task: Task, worker: Worker) -> dict[str, float]:
     return last
 
 
-def shard(model: torch.nn.Module) -> None:
-    """FSDP2: each decoder layer is one unit of all-gather/reduce-scatter, the rest the root's."""
+def shard(model: torch.nn.Module, root: torch.nn.Module | None = None,
+          mixed_precision: MixedPrecisionPolicy | None = None) -> None:
+    """FSDP2: each decoder layer is one unit of all-gather/reduce-scatter, the rest the root's
+    (`root`: a module wrapping `model`, e.g. PPO's value head; by default the model itself)."""
+    policy = mixed_precision or MixedPrecisionPolicy()
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(root if root is not None else model, mp_policy=policy)
 
 
 @contextmanager
