@@ -1,8 +1,12 @@
 # The two commands of the README are `make demo` and `make test`; both set up .venv first.
-.PHONY: setup demo test test-fast bench
+.PHONY: setup bench-setup demo test test-fast bench
 
 setup:
 	@bash scripts/setup.sh
+
+# The benchmarks' extra (TRL, for bench/trl_grpo.py) on top of setup, without breaking it.
+bench-setup:
+	@SETUP_EXTRAS=bench bash scripts/setup.sh
 
 demo: setup
 	.venv/bin/rlhf-ray demo --config configs/demo.yaml

@@ -64,6 +64,7 @@ from safetensors.torch import load, save  # noqa: E402
 
 from rlhf_ray.config import GPT4_SPLIT_PATTERN, RunConfig, load_config  # noqa: E402
 from rlhf_ray.modeling import count_parameters, new_policy, save_model  # noqa: E402
+from rlhf_ray.run import RunFolder  # noqa: E402
 from rlhf_ray.tokenizer import train_bpe  # noqa: E402
 
 
@@ -84,7 +85,7 @@ def make_model_and_prompts(cfg: RunConfig, num_prompts: int) -> tuple[Path, list
     prompts as plain user messages, written to <run>/prompts.jsonl for the trainer."""
     text = "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. " * 20
     tokenizer = train_bpe([text] * 50, vocab_size=512, pattern=GPT4_SPLIT_PATTERN, max_chars=10**9)
-    model_dir = cfg.run_dir / "sft"
+    model_dir = RunFolder(cfg.run_dir).model("sft")
     save_model(new_policy(cfg.model, tokenizer, seed=cfg.seed), tokenizer, model_dir)
     prompts = [f"Tell me about fox number {i}." for i in range(num_prompts)]
     (cfg.run_dir / "prompts.jsonl").write_text(

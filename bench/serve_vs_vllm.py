@@ -46,6 +46,7 @@ from bench.ppo_loop import make_model_and_prompts  # noqa: E402
 from rlhf_ray.config import load_config, save_config  # noqa: E402
 from rlhf_ray.memory import vllm_memory_args  # noqa: E402
 from rlhf_ray.modeling import count_parameters, load_policy  # noqa: E402
+from rlhf_ray.run import RunFolder  # noqa: E402
 
 ENV = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "OMP_WAIT_POLICY": "PASSIVE",
        "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
@@ -64,7 +65,7 @@ def make_run(root: Path) -> Path:
         "model.max_seq_len=512", "serve.stages=[sft]",
         "serve.cpus_per_replica=1", "serve.max_ongoing_requests=64", "serve.max_queued_requests=-1"])
     make_model_and_prompts(cfg, num_prompts=1)
-    save_config(cfg, cfg.run_dir / "config.yaml")
+    save_config(cfg, RunFolder(cfg.run_dir).config)
     return cfg.run_dir
 
 
@@ -77,7 +78,8 @@ def start_ours(run: Path, port: int) -> subprocess.Popen:
 
 def start_vllm(run: Path, port: int) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(run / "sft"),
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+         "--model", str(RunFolder(run).model("sft")),
          "--served-model-name", "sft", "--port", str(port), "--dtype", "float32",
          "--max-model-len", "512", "--enforce-eager",
          # the same KV cache and batch limit as our replica (rlhf_ray/memory.py sizes both)
@@ -87,8 +89,9 @@ def start_vllm(run: Path, port: int) -> subprocess.Popen:
 
 
 def engine_memory_flags(run: Path) -> list[str]:
-    cfg = load_config(run / "config.yaml")
-    memory = vllm_memory_args(run / "sft", cfg.serve.kv_cache, cfg.serve.max_ongoing_requests, "float32")
+    cfg = load_config(RunFolder(run).config)
+    memory = vllm_memory_args(RunFolder(run).model("sft"), cfg.serve.kv_cache,
+                              cfg.serve.max_ongoing_requests, "float32")
     return ["--kv-cache-memory-bytes", str(memory["kv_cache_memory_bytes"]),
             "--max-num-seqs", str(memory["max_num_seqs"])]
 
@@ -197,7 +200,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         run = make_run(Path(tmp))
-        params = count_parameters(load_policy(run / "sft"))
+        params = count_parameters(load_policy(RunFolder(run).model("sft")))
         print(f"model: {params / 1e6:.1f}M params; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.2f}",
               flush=True)
         port = free_port()

@@ -1,7 +1,7 @@
-"""The whole pipeline as a Ray job: data, tokenizer, pretraining, SFT, reward model, PPO.
+"""The whole pipeline as a Ray job: every stage in order, or up to --until STAGE.
 
     ray job submit --address http://<head>:8265 --runtime-env jobs/runtime_env.yaml \
-        -- python jobs/pipeline.py --config configs/gpu-qwen.yaml [--set key=value ...]
+        -- python jobs/pipeline.py --config configs/gpu-qwen.yaml [--until ppo] [--set key=value ...]
 
 It joins the cluster it was submitted to and writes to the config's run folder (an absolute path,
 shared by every node). Submitting it again resumes: finished stages are skipped, an interrupted

@@ -1,4 +1,4 @@
-"""One stage as a Ray job: data | tokenizer | pretrain | sft | compare-data | reward | ppo | eval.
+"""One stage as a Ray job (a name of rlhf_ray/run.py's STAGES; --help lists them).
 
     ray job submit --address http://<head>:8265 --runtime-env jobs/runtime_env.yaml \
         -- python jobs/stage.py sft --config configs/gpu-qwen.yaml

@@ -10,19 +10,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rlhf_ray.cli import exit_on_failure, run_command
+from rlhf_ray.cli import add_overrides, exit_on_failure, run_command
 from rlhf_ray.cluster import in_ray_job
 from rlhf_ray.config import ConfigError, RunConfig, load_config
+from rlhf_ray.run import STAGES
 
 
-def parse_config(argv: list[str], description: str, stage: bool = False) -> tuple[str, RunConfig]:
+def parse_config(argv: list[str], description: str, stage: bool = False
+                 ) -> tuple[str, RunConfig, str | None]:
+    """(the stage, or "pipeline"; the config; the pipeline's last stage)."""
     parser = argparse.ArgumentParser(description=description)
+    names = [s.name for s in STAGES]
     if stage:
-        parser.add_argument("stage", choices=["data", "tokenizer", "pretrain", "sft", "compare-data",
-                                             "reward", "ppo", "eval"])
+        parser.add_argument("stage", choices=names)
+    else:
+        parser.add_argument("--until", choices=names, default=names[-1],
+                            help="the last stage to run (default: %(default)s)")
     parser.add_argument("--config", required=True, help="run config YAML (a path in the working_dir)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set runs_dir=/mnt/shared/runs")
+    add_overrides(parser, "runs_dir=/mnt/shared/runs")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if in_ray_job() and cfg.runs_dir.is_relative_to(Path.cwd()):
@@ -31,13 +36,13 @@ def parse_config(argv: list[str], description: str, stage: bool = False) -> tupl
             "working_dir: the run would be lost when the job ends, invisible to other nodes, and "
             "a resubmission could not resume it. Give an absolute path on storage every node "
             "shares, e.g. --set runs_dir=/mnt/shared/runs")
-    return (args.stage if stage else "pipeline"), cfg
+    return (args.stage if stage else "pipeline"), cfg, getattr(args, "until", None)
 
 
 def run_job(argv: list[str], description: str, stage: bool = False) -> None:
     """Run the command; a failure prints one clear line and exits non-zero (the job FAILS)."""
     with exit_on_failure("rlhf-ray job", "the job"):
-        command, cfg = parse_config(argv, description, stage)
+        command, cfg, until = parse_config(argv, description, stage)
         print(f"rlhf-ray job: {command} of run {cfg.name!r} -> {cfg.run_dir.resolve()}", flush=True)
-        run_command(command, cfg)
+        run_command(command, cfg, until)
     print("rlhf-ray job: done", flush=True)

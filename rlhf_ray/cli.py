@@ -1,4 +1,5 @@
-"""`rlhf-ray <command> --config run.yaml [--set key=value ...]`."""
+"""`rlhf-ray <command> --config run.yaml [--set key=value ...]`: a stage (rlhf_ray/run.py's
+STAGES), the pipeline up to one, the demo, serving, planning."""
 
 from __future__ import annotations
 
@@ -8,46 +9,51 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from rlhf_ray.config import ConfigError, RunConfig, load_config
+from rlhf_ray.run import CHAT_MODELS, STAGES, RunFolder
+
+
+def add_overrides(parser: argparse.ArgumentParser, example: str = "pretrain.steps=10") -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override one setting, e.g. --set {example} (repeatable)")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="run config YAML (see configs/)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override one setting, e.g. --set pretrain.steps=10 (repeatable)",
-    )
+    add_overrides(parser)
+
+
+def _add_run_args(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument("--run", required=True, help="the run folder, e.g. runs/demo (its config.yaml)")
+    add_overrides(parser, example)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-ray", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in [
-        ("pipeline", "run every stage in order, skipping finished ones"),
-        ("data", "write the demo data (if configured) and validate every record file"),
-        ("tokenizer", "train (or adopt) the tokenizer"),
-        ("pretrain", "stage 1: pretrain base/ on Ray Train"),
-        ("sft", "stage 2: supervised finetuning base/ -> sft/ on Ray Train"),
-        ("reward", "stage 3a: reward model sft/ -> reward/ on Ray Train"),
-        ("compare-data", "sample K responses per prompt from sft/ with vLLM on Ray and rank them "
-         "(compare.labeler: a function, or people on the ranking page served until all are ranked)"),
-        ("ppo", "stage 3b: PPO sft/ -> rlhf/ against the reward, on Ray actors with vLLM"),
-        ("config", "print the resolved config"),
-    ]:
-        _add_config_args(commands.add_parser(name, help=help_text))
+    pipeline = commands.add_parser("pipeline", help="run every stage in order (up to --until), "
+                                   "skipping finished ones")
+    _add_config_args(pipeline)
+    pipeline.add_argument("--until", choices=[s.name for s in STAGES], default=STAGES[-1].name,
+                          help="the last stage to run (default: %(default)s)")
+    for stage in STAGES:
+        command = commands.add_parser(stage.name, help=stage.help)
+        if stage.on_run:
+            _add_run_args(command, "evaluation.resources.num_gpus=1")
+        else:
+            _add_config_args(command)
+    _add_config_args(commands.add_parser("config", help="print the resolved config"))
     serve = commands.add_parser("serve", help="serve a run's stage models over OpenAI-compatible HTTP")
-    serve.add_argument("--run", required=True, help="the run folder, e.g. runs/demo (its config.yaml)")
+    _add_run_args(serve, "serve.max_replicas=2")
     serve.add_argument("--address", help="Ray cluster to join (default: an embedded local Ray)")
     serve.add_argument("--host", help="HTTP address (default: serve.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (default: serve.port, 8000)")
-    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one setting of the run's config, e.g. --set serve.max_replicas=2")
     demo = commands.add_parser("demo", help="every stage on the demo config, the report (report.md, "
                                "plots), then serve all stages until Ctrl-C")
     demo.add_argument("--config", default="configs/demo.yaml", help="run config (default: %(default)s)")
-    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override one setting (repeatable)")
+    add_overrides(demo)
     demo.add_argument("--no-serve", dest="serve", action="store_false",
                       help="stop after the report instead of serving the models")
     plan = commands.add_parser("plan", help="print each role's memory, placement and the GPU count "
@@ -56,15 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU (default 80)")
     plan.add_argument("--prompt-tokens", type=int,
                       help="longest RL prompt (default: whatever the context leaves)")
-    evaluate = commands.add_parser("eval", help="evaluate base (0/1/3/5-shot), SFT and RLHF on "
-                                   "held-out questions: <run>/eval/stages.{md,json,png}")
-    evaluate.add_argument("--run", required=True, help="the run folder, e.g. runs/demo")
-    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="override one setting of the run's config, e.g. --set "
-                          "evaluation.resources.num_gpus=1")
     talk = commands.add_parser("chat", help="chat in the terminal with a running server's model")
     talk.add_argument("--url", default="http://127.0.0.1:8000", help="the server (rlhf-ray serve)")
-    talk.add_argument("--model", default="rlhf", help="base, sft or rlhf")
+    talk.add_argument("--model", default=CHAT_MODELS[-1], help=", ".join(CHAT_MODELS))
     talk.add_argument("--api-key", default=os.environ.get("RLHF_RAY_API_KEY"),
                       help="the server's key (default: $RLHF_RAY_API_KEY)")
     talk.add_argument("--temperature", type=float, default=0.7)
@@ -72,20 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_run(run: str, overrides: list[str]) -> RunConfig:
+    """A finished run's config (its config.yaml), pointed at the folder it is in now."""
+    run_dir = Path(run)
+    return load_config(RunFolder(run_dir).config,
+                       [*overrides, f"runs_dir={run_dir.resolve().parent}", f"name={run_dir.name}"])
+
+
 def serve_run(args: argparse.Namespace) -> None:
     """Deploy and print the URLs; on an embedded Ray, serve until Ctrl-C (or SIGTERM)."""
-    from pathlib import Path
-
     from rlhf_ray.cluster import joins_cluster
     from serve.run import served_models, start
 
     run_dir = Path(args.run)
-    overrides = list(args.overrides) + [f"runs_dir={run_dir.resolve().parent}", f"name={run_dir.name}"]
+    overrides = list(args.overrides)
     for key, value in (("cluster.address", args.address), ("serve.host", args.host),
                        ("serve.port", args.port)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    cfg = load_run(args.run, overrides)
     url = start(run_dir, cfg)
     print_urls(url, served_models(run_dir, cfg), run_dir)
     if joins_cluster(cfg.cluster):  # the app lives on in the cluster, like `serve deploy`
@@ -122,16 +127,13 @@ def print_urls(url: str, models: list[str], run_dir: object) -> None:
 def run_demo(cfg: RunConfig, serve: bool) -> None:
     """The newcomer's command: every stage, the report, then every stage's model served."""
     from rlhf_ray import pipeline
-    from rlhf_ray.report import write_report
-    from rlhf_ray.stage_eval import run_evaluation
 
     started = time.perf_counter()
     run_dir = pipeline.run_pipeline(cfg)
-    run_evaluation(cfg, log=lambda message: pipeline.log("eval", message))
-    report = write_report(cfg, pipeline.data_files(cfg)["rl_eval"])
-    print("\n" + report.read_text(encoding="utf-8"), flush=True)
-    print(f"rlhf-ray: demo done in {time.perf_counter() - started:.0f}s; report {report}, "
-          f"training curves {run_dir / 'plots' / 'training_curves.png'}", flush=True)
+    run = RunFolder(run_dir)
+    print("\n" + run.report.read_text(encoding="utf-8"), flush=True)
+    print(f"rlhf-ray: demo done in {time.perf_counter() - started:.0f}s; report {run.report}, "
+          f"training curves {run.plots / 'training_curves.png'}", flush=True)
     if serve:
         from serve.run import served_models, start
 
@@ -139,44 +141,18 @@ def run_demo(cfg: RunConfig, serve: bool) -> None:
         wait_for_ctrl_c()
 
 
-def run_command(command: str, cfg: RunConfig) -> None:
+def run_command(command: str, cfg: RunConfig, until: str | None = None) -> None:
+    """`config`, `pipeline` (up to `until`), or one stage by name (rlhf_ray.run.STAGES)."""
     from rlhf_ray import pipeline
 
     if command == "config":
         import yaml
 
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
-    elif command == "data":
-        pipeline.prepare_run(cfg)
-        pipeline.make_demo_data(cfg)
-        pipeline.check_data(cfg)
-    elif command == "tokenizer":
-        pipeline.prepare_run(cfg)
-        pipeline.make_demo_data(cfg)
-        pipeline.check_data(cfg, kinds=["pretrain"])
-        pipeline.make_tokenizer(cfg)
-    elif command in ("pretrain", "sft", "reward"):
-        pipeline.prepare_run(cfg)
-        pipeline.make_demo_data(cfg)
-        pipeline.check_data(cfg)
-        if command == "pretrain":
-            pipeline.make_tokenizer(cfg)
-        pipeline.train_model(cfg, command)
-    elif command == "compare-data":
-        pipeline.prepare_run(cfg)
-        pipeline.make_demo_data(cfg)
-        collect_and_rank(cfg)
-    elif command == "ppo":
-        pipeline.prepare_run(cfg)
-        pipeline.make_demo_data(cfg)
-        pipeline.check_data(cfg, kinds=["rl", "rl_eval"])
-        pipeline.train_rlhf(cfg)
-    elif command == "eval":
-        from rlhf_ray.stage_eval import run_evaluation
-
-        run_evaluation(cfg, log=lambda message: pipeline.log("eval", message))
     elif command == "pipeline":
-        pipeline.run_pipeline(cfg)
+        pipeline.run_pipeline(cfg, until or STAGES[-1].name)
+    else:
+        pipeline.run_stage(cfg, command)
 
 
 def collect_and_rank(cfg: RunConfig) -> None:
@@ -231,30 +207,22 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_failure("rlhf-ray", args.command):
         if args.command == "serve":
             serve_run(args)
-            return
-        if args.command == "eval":
-            from pathlib import Path
-
-            run_dir = Path(args.run)
-            cfg = load_config(run_dir / "config.yaml", [*args.overrides, f"name={run_dir.name}",
-                                                        f"runs_dir={run_dir.resolve().parent}"])
-            run_command("eval", cfg)
-            return
-        if args.command == "chat":
+        elif args.command == "chat":
             from serve.chat import chat
 
             chat(args.url, args.model, args.api_key, args.temperature, args.max_tokens)
-            return
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "demo":
-            run_demo(cfg, args.serve)
-            return
-        if args.command == "plan":
+        elif getattr(args, "run", None) is not None:  # a stage of a finished run: eval, report
+            run_command(args.command, load_run(args.run, args.overrides))
+        elif args.command == "demo":
+            run_demo(load_config(args.config, args.overrides), args.serve)
+        elif args.command == "plan":
             from rlhf_ray.plan import format_plan, plan_run
 
+            cfg = load_config(args.config, args.overrides)
             print(format_plan(plan_run(cfg, args.gpu_memory_gb, args.prompt_tokens)))
-            return
-        run_command(args.command, cfg)
+        else:
+            run_command(args.command, load_config(args.config, args.overrides),
+                        getattr(args, "until", None))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rlhf_ray.run import MODELS
+
 # GPT-4's split pattern, the one rustbpe and tiktoken's cl100k use.
 GPT4_SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
@@ -551,12 +553,15 @@ class EvalConfig(Section):
 # --------------------------------------------------------------------------- serving and cluster
 
 
+ModelName = Literal[MODELS]  # type: ignore[valid-type]  # a served model: rlhf_ray.run.MODELS
+
+
 class ServeConfig(_NoFraction):
     host: str = Field("127.0.0.1", description="HTTP address.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
-    stages: list[Literal["base", "sft", "rlhf", "reward"]] = Field(
-        default_factory=lambda: ["base", "sft", "rlhf", "reward"],
-        description="Stage models to serve (those whose folders exist).",
+    stages: list[ModelName] = Field(
+        default_factory=lambda: list(MODELS),
+        description=f"Stage models to serve (those whose folders exist): of {', '.join(MODELS)}.",
     )
     min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest replicas per stage.")
     max_replicas: int = Field(1, ge=1, description="Autoscaling: most replicas per stage.")
@@ -573,7 +578,7 @@ class ServeConfig(_NoFraction):
         None, description="Require `Authorization: Bearer <key>` with the key in this variable."
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
-    folders: dict[Literal["base", "sft", "rlhf", "reward"], Path] = Field(
+    folders: dict[ModelName, Path] = Field(
         default_factory=dict, description="Serve a stage from this folder instead of the run's "
         "own (e.g. {rlhf: runs/other/rlhf}). Deploying again with a changed folder, or after a "
         "stage's folder was rewritten, replaces just that stage's replicas; their in-flight "

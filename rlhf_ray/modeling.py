@@ -8,8 +8,10 @@ token.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import (
     AutoConfig,
@@ -23,6 +25,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from rlhf_ray.config import ModelConfig
+from rlhf_ray.data.records import Message
 from rlhf_ray.storage import atomic_folder
 from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer
 
@@ -99,6 +102,17 @@ def load_scalar_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTr
     return AutoModelForSequenceClassification.from_pretrained(str(folder), config=config, dtype=dtype)
 
 
+def pad(sequences: Sequence[Sequence[int] | np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest (numpy arrays or lists of ids): (ids, attention mask)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.as_tensor(np.asarray(sequence, dtype=np.int64))
+        attention[row, : len(sequence)] = 1
+    return ids, attention
+
+
 def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     ) -> torch.Tensor:
     """A scalar-head model's score (B,) at each sequence's last real token, found from the
@@ -111,6 +125,24 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     last = (columns * attention_mask).argmax(1)  # the last 1 of each row, left- or right-padded
     head = getattr(model, "module", model).score
     return head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1)
+
+
+def score_conversations(model: PreTrainedModel, tokenizer: ChatTokenizer,
+                        conversations: Sequence[Sequence[Message]], batch_size: int = 32) -> list[float]:
+    """The reward model's score of each conversation (its last turn the assistant's): what
+    `/v1/score`, the evaluation across stages and the report all read. A conversation longer
+    than the model's context is refused by name rather than truncated."""
+    rendered = [tokenizer.render_chat(c)[0] for c in conversations]
+    limit = model.config.max_position_embeddings
+    if rendered and (longest := max(map(len, rendered))) > limit:
+        raise ValueError(f"a conversation is {longest} tokens; the reward model's context is {limit}")
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for start in range(0, len(rendered), batch_size):
+        ids, attention = pad(rendered[start:start + batch_size], tokenizer.pad_id)
+        with torch.no_grad():
+            scores += sequence_scores(model, ids.to(device), attention.to(device)).float().tolist()
+    return scores
 
 
 def save_model(model: PreTrainedModel, tokenizer: ChatTokenizer, dest: Path) -> None:

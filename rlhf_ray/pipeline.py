@@ -1,21 +1,13 @@
-"""The run folder and the stages that fill it, in order; a finished stage is skipped on re-run.
+"""Each stage's task, and running them in order; a finished stage is skipped on re-run.
 
-    runs/<name>/config.yaml   the resolved config
-    runs/<name>/data/         generated demo records (when data.demo is set)
-    runs/<name>/tokenizer/    stage 0
-    runs/<name>/data/tokens/  the pretraining corpus as token shards
-    runs/<name>/base/ sft/ reward/ rlhf/  stages 1, 2, 3a, 3b (Hugging Face folders)
-    runs/<name>/checkpoints/<stage>/      resumable Ray Train state (ppo: see rl/ppo.py)
-    runs/<name>/metrics/<stage>.jsonl     one JSON object per step
+The stages, their folders and what each needs are rlhf_ray/run.py's; this module does the work.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from rlhf_ray.cluster import connect
@@ -23,21 +15,11 @@ from rlhf_ray.config import RunConfig, save_config
 from rlhf_ray.data.shards import write_shards
 from rlhf_ray.data.demo import write_demo_data
 from rlhf_ray.data.readers import RecordError, read_many
-from rlhf_ray.data.records import ChatRecord, ComparisonRecord, Message, PromptRecord, TextRecord
+from rlhf_ray.data.records import TextRecord
+from rlhf_ray.run import DEMO_FILES, RECORD_KINDS, STAGES, RunFolder, data_files, stage, stages_until
 from rlhf_ray.storage import atomic_folder
 from rlhf_ray.train import stages
 from rlhf_ray.tokenizer import BPETokenizer, ChatTokenizer, load_tokenizer, train_bpe
-
-DEMO_FILES = ("pretrain", "sft", "sft_eval", "reward", "reward_eval", "rl", "rl_eval", "compare")
-RECORD_KINDS = {
-    "pretrain": TextRecord,
-    "sft": ChatRecord,
-    "sft_eval": ChatRecord,
-    "reward": ComparisonRecord,
-    "reward_eval": ComparisonRecord,
-    "rl": PromptRecord,
-    "rl_eval": PromptRecord,
-}
 
 
 def log(stage: str, message: str) -> None:
@@ -47,19 +29,8 @@ def log(stage: str, message: str) -> None:
 def prepare_run(cfg: RunConfig) -> Path:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    save_config(cfg, RunFolder(run_dir).config)
     return run_dir
-
-
-def data_files(cfg: RunConfig) -> dict[str, list[Path]]:
-    """Each stage's record files: the configured ones, else the generated demo files."""
-    files = {kind: list(getattr(cfg.data, kind)) for kind in RECORD_KINDS}
-    if cfg.data.demo is not None:
-        demo_dir = cfg.run_dir / "data"
-        for kind, paths in files.items():
-            if not paths:
-                paths.append(demo_dir / f"{kind}.jsonl")
-    return files
 
 
 def reward_files(cfg: RunConfig) -> dict[str, list[Path]]:
@@ -85,8 +56,8 @@ def make_comparisons(cfg: RunConfig) -> None:
         return
     from rlhf_ray.compare.collect import collect_comparisons
 
-    if (cfg.run_dir / "reward").exists():
-        log("compare", "reward/ exists, skipped")
+    if (reward := RunFolder(cfg.run_dir).output("reward")).exists():
+        log("compare", f"{reward} exists, skipped")
         return
     store = collect_comparisons(cfg, lambda message: log("compare", message))
     progress = store.progress()
@@ -99,14 +70,15 @@ def make_comparisons(cfg: RunConfig) -> None:
 def make_demo_data(cfg: RunConfig) -> None:
     if cfg.data.demo is None:
         return
-    out = cfg.run_dir / "data"
+    run = RunFolder(cfg.run_dir)
+    out = run.data
     if out.exists():
-        missing = [k for k in DEMO_FILES if not (out / f"{k}.jsonl").exists()]
+        missing = [k for k in DEMO_FILES if not run.demo_file(k).exists()]
         if missing:  # a run begun by an older version: add the files it lacks (deterministic)
             with tempfile.TemporaryDirectory(dir=cfg.run_dir, prefix=".data-") as tmp:
                 write_demo_data(Path(tmp), cfg.data.demo)
                 for kind in missing:
-                    os.replace(Path(tmp) / f"{kind}.jsonl", out / f"{kind}.jsonl")
+                    os.replace(Path(tmp) / run.demo_file(kind).name, run.demo_file(kind))
             log("data", f"{out} exists; added {', '.join(missing)}")
         else:
             log("data", f"{out} exists, skipped")
@@ -149,7 +121,7 @@ def corpus_texts(cfg: RunConfig) -> list[str]:
 
 
 def make_tokenizer(cfg: RunConfig) -> ChatTokenizer:
-    out = cfg.run_dir / "tokenizer"
+    out = RunFolder(cfg.run_dir).tokenizer
     if out.exists():
         log("tokenizer", f"{out} exists, skipped")
         return load_tokenizer(out)
@@ -178,13 +150,14 @@ def make_tokenizer(cfg: RunConfig) -> ChatTokenizer:
 
 
 def make_shards(cfg: RunConfig) -> None:
-    out = cfg.run_dir / "data" / "tokens"
+    run = RunFolder(cfg.run_dir)
+    out = run.tokens
     if out.exists():
         log("shards", f"{out} exists, skipped")
         return
     files = pretrain_files(cfg, "pretrain on")
     start = time.perf_counter()
-    meta = write_shards(files, cfg.run_dir / "tokenizer", out)
+    meta = write_shards(files, run.tokenizer, out)
     splits = meta["splits"]
     log("shards", f"{meta['documents']} documents -> {splits['train']['tokens']:,} train and "
         f"{splits['val']['tokens']:,} val tokens ({meta['dtype']}) in {time.perf_counter() - start:.1f}s")
@@ -192,7 +165,7 @@ def make_shards(cfg: RunConfig) -> None:
 
 def train_model(cfg: RunConfig, stage: str) -> None:
     """Pretraining, SFT or reward training on Ray Train; skipped when its folder is complete."""
-    out = cfg.run_dir / {"pretrain": "base", "sft": "sft", "reward": "reward"}[stage]
+    out = RunFolder(cfg.run_dir).output(stage)
     if out.exists():
         log(stage, f"{out} exists, skipped")
         return
@@ -217,7 +190,7 @@ def train_model(cfg: RunConfig, stage: str) -> None:
 
 def train_rlhf(cfg: RunConfig) -> None:
     """PPO from sft/ against the reward; skipped when rlhf/ is complete."""
-    out = cfg.run_dir / "rlhf"
+    out = RunFolder(cfg.run_dir).output("ppo")
     if out.exists():
         log("ppo", f"{out} exists, skipped")
         return
@@ -230,69 +203,72 @@ def train_rlhf(cfg: RunConfig) -> None:
     log("ppo", f"done in {time.perf_counter() - start:.0f}s -> {out}")
 
 
-def ppo_before_after(metrics: Path) -> dict:
-    """The first and the last held-out evaluation of a PPO run (step 0 is the SFT model)."""
-    evals = [m for m in map(json.loads, metrics.read_text().splitlines()) if "eval_reward_greedy" in m]
-    if not evals:
-        return {}
-    keys = [k for k in evals[0] if k.startswith("eval_")]
-    return {k.removeprefix("eval_"): {"before": evals[0][k], "after": evals[-1][k]} for k in keys
-            } | {"steps": {"before": evals[0]["step"], "after": evals[-1]["step"]}}
+def pretrain(cfg: RunConfig) -> None:
+    train_model(cfg, "pretrain")
 
 
-def report_models(cfg: RunConfig) -> dict:
-    """What base/, sft/ and rlhf/ do with the demo question; held-out exact match and PPO's
-    before/after on held-out prompts."""
-    from rlhf_ray import evaluate
-
-    report: dict = {}
-    question = evaluate.DEMO_QUESTION
-    base = stages.base_dir(cfg)
-    if base.exists():
-        # A document line ends with its newline ("?\n" is one token; a bare "?" rarely ends a line).
-        text = evaluate.continue_document(base, question + "\n")
-        report["base"] = {"question": question, "continuation": text}
-        log("eval", f"base continues the document {question!r} with: {text!r}")
-    held_out = data_files(cfg)["rl_eval"]
-    for stage in ("sft", "rlhf"):
-        folder = cfg.run_dir / stage
-        if not folder.exists():
-            continue
-        reply = evaluate.chat_replies(folder, [[Message(role="user", content=question)]])[0]
-        report[stage] = {"question": question, "reply": reply}
-        log("eval", f"{stage} answers {question!r} with: {reply!r}")
-        if held_out:
-            result = evaluate.exact_match(folder, read_many(held_out, PromptRecord))
-            report[stage]["held_out_exact_match"] = asdict(result)
-            log("eval", f"{stage} exact match on {result.count} held-out prompts: {result.rate:.0%}")
-    if "rlhf" in report:
-        ppo_metrics = cfg.run_dir / "metrics" / "ppo.jsonl"
-        if ppo_metrics.exists() and (comparison := ppo_before_after(ppo_metrics)):
-            report["rlhf"]["held_out_before_after_ppo"] = comparison
-            log("eval", "held-out, SFT -> RLHF: " + ", ".join(
-                f"{k} {v['before']:.3g} -> {v['after']:.3g}" for k, v in comparison.items()
-                if k in ("reward_greedy", "reward_sampled", "kl", "exact_match")))
-    metrics = cfg.run_dir / "metrics" / "reward.jsonl"
-    if metrics.exists():
-        final = json.loads(metrics.read_text().splitlines()[-1])
-        if "eval_accuracy" in final:
-            report["reward"] = {"held_out_pairwise_accuracy": final["eval_accuracy"]}
-            log("eval", f"reward model pairwise accuracy on held-out comparisons: {final['eval_accuracy']:.2f}")
-    evaluate.save_report(cfg.run_dir / "metrics" / "eval.json", report)
-    return report
+def sft(cfg: RunConfig) -> None:
+    train_model(cfg, "sft")
 
 
-def run_pipeline(cfg: RunConfig) -> Path:
-    """Every stage that is built so far, in order."""
-    run_dir = prepare_run(cfg)
-    log("run", f"{run_dir} (config saved to {run_dir / 'config.yaml'})")
+def reward(cfg: RunConfig) -> None:
+    train_model(cfg, "reward")
+
+
+def ppo(cfg: RunConfig) -> None:
+    train_rlhf(cfg)
+
+
+def make_data(cfg: RunConfig) -> None:
+    """The demo records (when data.demo is set), then every record file validated."""
     make_demo_data(cfg)
     check_data(cfg)
-    make_tokenizer(cfg)
-    for stage in ("pretrain", "sft"):
-        train_model(cfg, stage)
-    make_comparisons(cfg)
-    train_model(cfg, "reward")
-    train_rlhf(cfg)
-    report_models(cfg)
+
+
+def evaluate(cfg: RunConfig) -> None:
+    """The evaluation across stages; skipped while eval/ is newer than every model it read."""
+    from rlhf_ray.stage_eval import is_current, run_evaluation
+
+    if is_current(cfg):
+        log("eval", f"{RunFolder(cfg.run_dir).eval} is newer than every model, skipped")
+        return
+    run_evaluation(cfg, log=lambda message: log("eval", message))
+
+
+def evaluate_again(cfg: RunConfig) -> None:
+    """`rlhf-ray eval`: evaluate whatever the run has now."""
+    from rlhf_ray.stage_eval import run_evaluation
+
+    run_evaluation(cfg, log=lambda message: log("eval", message))
+
+
+def report(cfg: RunConfig) -> None:
+    from rlhf_ray.report import write_report
+
+    log("report", f"wrote {write_report(cfg)}")
+
+
+def run_stage(cfg: RunConfig, name: str) -> None:
+    """One stage on its own: the run folder and its data first (only the records it reads are
+    validated), then the cheap stages it builds on, then its work. A stage of a finished run
+    (eval, report) leaves its config.yaml as it is."""
+    this = stage(name)
+    if not this.on_run:
+        prepare_run(cfg)
+    make_demo_data(cfg)
+    if this.records:
+        check_data(cfg, kinds=list(this.records))
+    if this is STAGES[0]:  # the data stage is this preparation itself (make_data)
+        return
+    for first in this.first:
+        stage(first).work()(cfg)
+    this.work(alone=True)(cfg)
+
+
+def run_pipeline(cfg: RunConfig, until: str = STAGES[-1].name) -> Path:
+    """Every stage in order up to `until`; the finished ones are skipped."""
+    run_dir = prepare_run(cfg)
+    log("run", f"{run_dir} (config saved to {RunFolder(run_dir).config})")
+    for this in stages_until(until):
+        this.work()(cfg)
     return run_dir

@@ -59,9 +59,9 @@ from rlhf_ray.memory import (
     rollout_sequences,
     shape_from_folder,
 )
+from rlhf_ray.run import CHAT_MODELS, REWARD_MODEL
 from rlhf_ray.tokenizer import load_tokenizer
 
-CHAT_STAGES = ("base", "sft", "rlhf")  # serve/app.py: the stages vLLM replicas serve
 TRAINED_ROLES = ("policy", "value")  # PPO's worker groups; reference and reward are replicas
 MOST_ACTORS = 1024  # the largest worker group or replica set a hint looks for
 
@@ -364,18 +364,19 @@ def serve_stage(cfg: RunConfig, s: ModelShape, gpu: float) -> StagePlan:
     """serve/app.py build_app: up to max_replicas vLLM replicas per chat stage (no tensor
     parallelism), and one reward-model replica in float32 on its CPU."""
     sv = cfg.serve
-    chat = [st for st in sv.stages if st in CHAT_STAGES  # a pretrained run has no base/ of its own
-            and not (st == "base" and cfg.model.pretrained and "base" not in sv.folders)]
+    base = CHAT_MODELS[0]  # a pretrained run has no base/ of its own
+    chat = [st for st in sv.stages if st in CHAT_MODELS
+            and not (st == base and cfg.model.pretrained and base not in sv.folders)]
     on_gpu, replicas = bool(sv.gpus_per_replica), len(chat) * sv.max_replicas
     bundle = f"{replicas} x {_bundle(sv.cpus_per_replica, sv.gpus_per_replica)}"
     roles = [_vllm(f"{'/'.join(chat)} replica", bundle, sv.gpus_per_replica, s, count_params(s),
                    2 if on_gpu else 4, sv.max_ongoing_requests, s.max_seq_len, gpu, sv.kv_cache, "serve",
                    "serve.max_ongoing_requests", count=replicas)
              ] if chat else []
-    if "reward" in sv.stages:
+    if REWARD_MODEL in sv.stages:
         roles.append(RoleMemory("reward replica", f"1 x {_bundle(sv.cpus_per_replica, 0)}",
                                 4 * count_params(s, scalar_head=True)))
-    cpus = sv.cpus_per_replica * (replicas + ("reward" in sv.stages))
+    cpus = sv.cpus_per_replica * (replicas + (REWARD_MODEL in sv.stages))
     return StagePlan("serve", roles, gpus_for([sv.gpus_per_replica] * replicas), cpus, s.max_seq_len)
 
 

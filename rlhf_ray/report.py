@@ -1,77 +1,69 @@
 """The run's report: what each stage learned and what each model says, side by side.
 
-Written to <run>/report.md with the training curves in <run>/plots/training_curves.png, from the
-metrics files and metrics/eval.json the pipeline leaves (nothing is retrained). The sample answers
-are greedy, to held-out questions (rl_eval) that SFT and PPO never trained on.
+<run>/report.md and <run>/plots/training_curves.png, rendered from the metrics files and the
+evaluation across stages (eval/stages.json, rlhf_ray.stage_eval); nothing is generated here, so
+the report and the evaluation always show the same replies.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
-from rlhf_ray import evaluate
 from rlhf_ray.config import RunConfig
-from rlhf_ray.data.readers import read_many
-from rlhf_ray.data.records import PromptRecord
-from rlhf_ray.tokenizer import load_tokenizer
+from rlhf_ray.run import STAGES, RunFolder, read_metrics
+from rlhf_ray.stage_eval import RLHF, SFT, shots
+from rlhf_ray.storage import write_text_atomic
+
+CURVES = ("loss", "eval_loss", "eval_accuracy", "reward_mean", "eval_reward_greedy", "kl")
+SIDE_BY_SIDE = {shots(0): "base continues", SFT: "SFT", RLHF: "RLHF"}  # variant -> column
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def metric_stages() -> list[str]:
+    return [s.name for s in STAGES if s.metrics]
 
 
-def plot_curves(run_dir: Path) -> Path:
-    """One PNG, a panel per stage: losses (train and held-out), RM accuracy, PPO reward and KL."""
+def plot_curves(run: RunFolder) -> Path:
+    """One PNG, a panel per training stage with whichever of CURVES it logs."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    panels = [("pretrain", ["loss", "eval_loss"]), ("sft", ["loss", "eval_loss"]),
-              ("reward", ["loss", "eval_loss", "eval_accuracy"]),
-              ("ppo", ["reward_mean", "eval_reward_greedy", "kl"])]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    for ax, (stage, keys) in zip(axes, panels):
-        rows = read_metrics(run_dir / "metrics" / f"{stage}.jsonl")
-        for key in keys:
+    names = metric_stages()
+    figure, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4))
+    for ax, name in zip(axes, names):
+        rows = read_metrics(run.metrics(name))
+        for key in CURVES:
             points = [(r["step"], r[key]) for r in rows if key in r]
             if points:
                 ax.plot(*zip(*points), marker="o" if key.startswith("eval_") else None,
                         markersize=3, label=key)
-        ax.set_title(stage)
+        ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
     figure.tight_layout()
-    out = run_dir / "plots" / "training_curves.png"
+    out = run.plots / "training_curves.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    figure.savefig(tmp, dpi=110, format="png")
     plt.close(figure)
+    os.replace(tmp, out)
     return out
 
 
-def side_by_side(cfg: RunConfig, prompt_files: list[Path], count: int = 6) -> list[dict[str, str]]:
-    """`count` held-out questions spread over the file: base's continuation of the question as a
-    document, SFT's and RLHF's replies, and the reference answer."""
-    records = [r for r in read_many(prompt_files, PromptRecord) if len(r.prompt) == 1]
-    records = records[:: max(1, len(records) // count)][:count]
-    rows = [{"question": r.prompt[0].content, "answer": r.ground_truth or ""} for r in records]
-    for stage in ("base", "sft", "rlhf"):
-        folder = cfg.run_dir / stage
-        if not (folder / "config.json").exists():
-            continue
-        if stage == "base":  # the question as a document line, continued; one batch
-            tokenizer = load_tokenizer(folder)
-            documents = [tokenizer.encode_document(row["question"] + "\n") for row in rows]
-            replies = [tokenizer.decode(ids)
-                       for ids in evaluate.generate_greedy(folder, documents, max_new_tokens=24)]
-        else:
-            replies = evaluate.chat_replies(folder, [r.prompt for r in records])
-        for row, reply in zip(rows, replies):
-            row[stage] = reply
-    return rows
+def ppo_before_after(metrics: Path) -> dict[str, dict[str, float]]:
+    """The first and the last held-out evaluation of an RL run (step 0 is the SFT model)."""
+    evals = [m for m in read_metrics(metrics) if "eval_reward_greedy" in m]
+    if not evals:
+        return {}
+    keys = [k for k in evals[0] if k.startswith("eval_")]
+    return {k.removeprefix("eval_"): {"before": evals[0][k], "after": evals[-1][k]} for k in keys
+            } | {"steps": {"before": evals[0]["step"], "after": evals[-1]["step"]}}
 
 
 def cell(text: str) -> str:
@@ -79,66 +71,75 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ⏎ ").strip() or "∅"
 
 
-def stage_table(run_dir: Path) -> list[str]:
+def stage_table(run: RunFolder) -> list[str]:
     lines = ["| stage | steps | train loss (first → last) | held-out loss (last) | also |",
              "|---|---:|---|---:|---|"]
-    for stage in ("pretrain", "sft", "reward"):
-        rows = read_metrics(run_dir / "metrics" / f"{stage}.jsonl")
+    for name in metric_stages():
+        rows = read_metrics(run.metrics(name))
         losses = [r["loss"] for r in rows if "loss" in r]
         evals = [r for r in rows if "eval_loss" in r]
-        if not losses:
-            continue
-        also = (f"held-out pairwise accuracy {evals[-1]['eval_accuracy']:.2f}"
-                if evals and "eval_accuracy" in evals[-1] else "")
-        held_out = f"{evals[-1]['eval_loss']:.3f}" if evals else "–"
-        lines.append(f"| {stage} | {rows[-1]['step']} | {losses[0]:.3f} → {losses[-1]:.3f} | "
-                     f"{held_out} | {also} |")
-    ppo = read_metrics(run_dir / "metrics" / "ppo.jsonl")
-    evals = [r for r in ppo if "eval_reward_greedy" in r]
-    if len(evals) >= 2:
-        first, last = evals[0], evals[-1]
-        lines.append(
-            f"| ppo | {last['step']} | reward (greedy, held-out) {first['eval_reward_greedy']:.3f} "
-            f"→ {last['eval_reward_greedy']:.3f} | – | sampled reward "
-            f"{first['eval_reward_sampled']:.3f} → {last['eval_reward_sampled']:.3f}, KL "
-            f"{last['eval_kl']:.3f}, exact match {first['eval_exact_match']:.0%} → "
-            f"{last['eval_exact_match']:.0%} |")
+        if (change := ppo_before_after(run.metrics(name))) and change["steps"]["after"] > 0:
+            lines.append(
+                f"| {name} | {rows[-1]['step']} | reward (greedy, held-out) "
+                f"{change['reward_greedy']['before']:.3f} → {change['reward_greedy']['after']:.3f} | – "
+                f"| sampled reward {change['reward_sampled']['before']:.3f} → "
+                f"{change['reward_sampled']['after']:.3f}, KL {change['kl']['after']:.3f}, exact match "
+                f"{change['exact_match']['before']:.0%} → {change['exact_match']['after']:.0%} |")
+        elif losses:
+            also = (f"held-out pairwise accuracy {evals[-1]['eval_accuracy']:.2f}"
+                    if evals and "eval_accuracy" in evals[-1] else "")
+            held_out = f"{evals[-1]['eval_loss']:.3f}" if evals else "–"
+            lines.append(f"| {name} | {rows[-1]['step']} | {losses[0]:.3f} → {losses[-1]:.3f} | "
+                         f"{held_out} | {also} |")
     return lines
 
 
-def stages_section(run_dir: Path) -> list[str]:
-    """The evaluation across stages (rlhf_ray.stage_eval), if it was run: its table, the talk's
-    claims and the chart, taken from eval/stages.md so the two never disagree."""
-    stages_md = run_dir / "eval" / "stages.md"
-    if not stages_md.exists():
-        return []
-    body = stages_md.read_text(encoding="utf-8").splitlines()[1:]  # without its title
+def side_by_side(evaluation: dict[str, Any]) -> list[str]:
+    """The evaluation's sample questions, each model's reply in a column, and the reference."""
+    variants = {v["name"]: v for v in evaluation["variants"]}
+    questions: dict[str, dict[str, str]] = {}
+    for name in SIDE_BY_SIDE:
+        for sample in variants.get(name, {}).get("samples", []):
+            row = questions.setdefault(sample["question"], {"reference": sample["reference"] or ""})
+            row[name] = sample["reply"]
+    lines = ["| question | " + " | ".join(SIDE_BY_SIDE.values()) + " | reference |",
+             "|---|---|---|---|---|"]
+    for question, row in questions.items():
+        cells = [question, *(row.get(name, "–") for name in SIDE_BY_SIDE), row["reference"]]
+        lines.append("| " + " | ".join(map(cell, cells)) + " |")
+    scored = [f"{name} {variants[name]['exact_match']:.0%} of {variants[name]['count']}"
+              for name in (SFT, RLHF) if name in variants]
+    if scored:
+        lines += ["", "Exact match on all held-out questions: " + ", ".join(scored) + "."]
+    return lines
+
+
+def stages_section(run: RunFolder) -> list[str]:
+    """The evaluation across stages: its table, the talk's claims and the chart, taken from
+    eval/stages.md so the two never disagree."""
+    body = (run.eval / "stages.md").read_text(encoding="utf-8").splitlines()[1:]  # without its title
+    link = run.eval.relative_to(run.root)
     return ["", "## Evaluation across stages",
-            *(line.replace("](stages.png)", "](eval/stages.png)") for line in body)]
+            *(line.replace("](stages.png)", f"]({link}/stages.png)") for line in body)]
 
 
-def write_report(cfg: RunConfig, prompt_files: list[Path]) -> Path:
+def render(cfg: RunConfig) -> str:
+    run = RunFolder(cfg.run_dir)
+    plot = plot_curves(run)
+    lines = [f"# Run `{cfg.name}`", "", "## What each stage learned", "", *stage_table(run), "",
+             f"![training curves]({plot.relative_to(run.root)})", ""]
+    evaluation = run.eval / "stages.json"
+    if not evaluation.exists():
+        return "\n".join(lines + [f"No evaluation yet: `rlhf-ray eval --run {run.root}` writes it."])
+    lines += ["## The same held-out questions to each model (greedy)", "",
+              "The base model only continues the question as a document; SFT answers; RLHF is SFT "
+              "tuned against the reward model.", "",
+              *side_by_side(json.loads(evaluation.read_text(encoding="utf-8"))), *stages_section(run)]
+    return "\n".join(lines)
+
+
+def write_report(cfg: RunConfig) -> Path:
     """report.md (and the plot it shows) for the run; returns its path."""
-    run_dir = cfg.run_dir
-    plot = plot_curves(run_dir)
-    lines = [f"# Run `{cfg.name}`", "", "## What each stage learned", "", *stage_table(run_dir), "",
-             f"![training curves]({plot.relative_to(run_dir)})", "",
-             "## The same held-out questions to each model (greedy)", "",
-             "The base model only continues the question as a document; SFT answers; RLHF is SFT "
-             "tuned against the reward model.", "",
-             "| question | base continues | SFT | RLHF | reference |", "|---|---|---|---|---|"]
-    for row in side_by_side(cfg, prompt_files):
-        lines.append(" | ".join(["", *(cell(row.get(k, "–")) for k in
-                                      ("question", "base", "sft", "rlhf", "answer")), ""]).strip())
-    eval_json = run_dir / "metrics" / "eval.json"
-    if eval_json.exists():
-        report = json.loads(eval_json.read_text())
-        rates = {s: report[s]["held_out_exact_match"] for s in ("sft", "rlhf")
-                 if "held_out_exact_match" in report.get(s, {})}
-        if rates:
-            lines += ["", "Exact match on all held-out questions: " + ", ".join(
-                f"{s} {r['rate']:.0%} of {r['count']}" for s, r in rates.items()) + "."]
-    lines += stages_section(run_dir)
-    out = run_dir / "report.md"
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = RunFolder(cfg.run_dir).report
+    write_text_atomic(out, render(cfg) + "\n")
     return out

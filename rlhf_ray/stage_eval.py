@@ -19,16 +19,25 @@ from rlhf_ray.config import RunConfig
 from rlhf_ray.data.readers import read_many
 from rlhf_ray.data.records import ChatRecord, Message, PromptRecord
 from rlhf_ray.evaluate import generate_greedy
-from rlhf_ray.modeling import load_policy, load_scalar_model, sequence_scores
-from rlhf_ray.pipeline import data_files
+from rlhf_ray.modeling import load_policy, load_scalar_model, pad, score_conversations
+from rlhf_ray.prompting import exact_match, few_shot_document, prompt_ids
+from rlhf_ray.run import CHAT_MODELS, REWARD_MODEL, RunFolder, base_model, data_files, serves_as
 from rlhf_ray.storage import write_json_atomic, write_text_atomic
 from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer
-from rlhf_ray.train.stages import base_dir
-from rlhf_ray.train.tasks import pad
 
 MAX_NEW_TOKENS = 48
 SHOTS = (0, 1, 3, 5)
-VARIANTS = [f"base {k}-shot" for k in SHOTS] + ["sft", "rlhf"]
+BASE, *CHATS = CHAT_MODELS  # the base model, then the chat models (sft, rlhf)
+SFT, RLHF = CHATS
+
+
+def shots(k: int) -> str:
+    """The name of the base model's k-shot variant, e.g. "base 3-shot"."""
+    return f"{BASE} {k}-shot"
+
+
+VARIANTS = [shots(k) for k in SHOTS] + CHATS
+SAMPLES = 6  # replies kept per variant, the same questions for each: the report shows them
 ANSWERS_RULE = ("A reply *answers* when its first line, stripped, is non-empty, does not end with "
                 "\"?\" and is not the question itself (case and trailing punctuation aside).")
 
@@ -63,14 +72,6 @@ def few_shot_examples(cfg: RunConfig, count: int = 5) -> list[tuple[str, str]]:
         (rest if word in seen else distinct).append(pair)
         seen.add(word)
     return (distinct + rest)[:count]
-
-
-def base_document(examples: list[tuple[str, str]], question: str) -> str:
-    """0-shot: the bare question as a line of a document; k-shot: k worked examples, then the
-    question in the same format with the answer left for the model."""
-    if not examples:
-        return question + "\n"
-    return "".join(f"Q: {q}\nA: {a}\n\n" for q, a in examples) + f"Q: {question}\nA:"
 
 
 def first_line(text: str) -> str:
@@ -134,22 +135,14 @@ def kl_along(policy: PreTrainedModel, reference: PreTrainedModel, prompts: list[
     return out
 
 
-def reward_scores(folder: Path, questions: list[str], replies: dict[str, list[str]],
-                  batch_size: int = 32) -> dict[str, list[float]]:
-    """The reward model's (loaded once) score of each [question, reply] conversation, computed as
-    serve/app.py's RewardModel does."""
+def reward_scores(folder: Path, questions: list[str], replies: dict[str, list[str]]
+                  ) -> dict[str, list[float]]:
+    """The reward model's (loaded once) score of each [question, reply] conversation: the
+    scorer /v1/score serves."""
     tokenizer, model = load_tokenizer(folder), on_device(load_scalar_model(folder))
-    scores: dict[str, list[float]] = {}
-    for name, texts in replies.items():
-        rendered = [tokenizer.render_chat([Message(role="user", content=q),
-                                           Message(role="assistant", content=t)])[0]
-                    for q, t in zip(questions, texts)]
-        scores[name] = []
-        for start in range(0, len(rendered), batch_size):
-            with torch.no_grad():
-                batch = right_padded(rendered[start:start + batch_size], tokenizer.pad_id, model.device)
-                scores[name] += sequence_scores(model, **batch).float().tolist()
-    return scores
+    return {name: score_conversations(model, tokenizer, [
+        [Message(role="user", content=q), Message(role="assistant", content=t)]
+        for q, t in zip(questions, texts)]) for name, texts in replies.items()}
 
 
 def mean(values: list[float]) -> float:
@@ -172,17 +165,16 @@ def check_claims(variants: dict[str, dict]) -> list[dict]:
     def get(name: str, key: str) -> tuple[str, float | None]:
         return f"{name} {key}", variants.get(name, {}).get(key)
 
-    shots = [get(n, "exact_match") for n in VARIANTS[1:4] if n in variants]
-    best = max(shots, key=lambda s: s[1]) if shots else ("base k-shot exact_match", None)
+    few_shot = [get(shots(k), "exact_match") for k in SHOTS[1:] if shots(k) in variants]
+    best = max(few_shot, key=lambda s: s[1]) if few_shot else (f"{BASE} k-shot exact_match", None)
     return [
-        claim("a base model rarely answers a bare question", get("base 0-shot", "answers"), "<",
+        claim("a base model rarely answers a bare question", get(shots(0), "answers"), "<",
               ("threshold", 0.5)),
-        claim("few-shot examples help the base model", best, ">", get("base 0-shot", "exact_match")),
-        claim("SFT beats few-shot prompting", get("sft", "exact_match"), ">", best),
-        claim("RLHF raises the reward model's score over SFT", get("rlhf", "reward"), ">",
-              get("sft", "reward")),
-        claim("without losing exact match", get("rlhf", "exact_match"), ">=",
-              get("sft", "exact_match")),
+        claim("few-shot examples help the base model", best, ">", get(shots(0), "exact_match")),
+        claim("SFT beats few-shot prompting", get(SFT, "exact_match"), ">", best),
+        claim("RLHF raises the reward model's score over SFT", get(RLHF, "reward"), ">",
+              get(SFT, "reward")),
+        claim("without losing exact match", get(RLHF, "exact_match"), ">=", get(SFT, "exact_match")),
     ]
 
 
@@ -246,11 +238,11 @@ def base_variants(folder: Path, questions: list[str], examples: list[tuple[str, 
     tokenizer, model = load_tokenizer(folder), on_device(load_policy(folder))
     replies, lengths = {}, {}
     for k in SHOTS:
-        log(f"base {k}-shot: {len(questions)} questions")
-        docs = [tokenizer.encode_document(base_document(examples[:k], q)) for q in questions]
+        log(f"{shots(k)}: {len(questions)} questions")
+        docs = [tokenizer.encode_document(few_shot_document(examples[:k], q)) for q in questions]
         out = generate_greedy(folder, docs, MAX_NEW_TOKENS, model=model)
-        replies[f"base {k}-shot"] = [first_line(tokenizer.decode(ids)) for ids in out]
-        lengths[f"base {k}-shot"] = [len(first_line_ids(tokenizer, ids)) for ids in out]
+        replies[shots(k)] = [first_line(tokenizer.decode(ids)) for ids in out]
+        lengths[shots(k)] = [len(first_line_ids(tokenizer, ids)) for ids in out]
     return replies, lengths
 
 
@@ -259,31 +251,32 @@ def chat_variants(run_dir: Path, records: list[PromptRecord], log: Callable[[str
     """SFT's and RLHF's replies and token counts (each model loaded once), and their KL to SFT,
     measured along RLHF's own replies."""
     replies, lengths, kl, sft_model = {}, {}, {}, None
-    for stage in ("sft", "rlhf"):
-        folder = run_dir / stage
+    for stage in CHATS:
+        folder = RunFolder(run_dir).model(stage)
         if not has_model(folder):
             skipped[stage] = f"{folder}: no config.json"
             continue
         log(f"{stage}: {len(records)} questions")
         tokenizer, model = load_tokenizer(folder), on_device(load_policy(folder))
-        prompts = [tokenizer.render_prompt(r.prompt) for r in records]
+        prompts = [prompt_ids(tokenizer, serves_as(stage), r.prompt) for r in records]
         out = generate_greedy(folder, prompts, MAX_NEW_TOKENS, model=model)
         replies[stage], lengths[stage] = [tokenizer.decode(ids) for ids in out], [len(ids) for ids in out]
-        if stage == "sft":
-            sft_model, kl["sft"] = model, [0.0] * len(out)  # KL of a model to itself
-        elif sft_model is not None:
-            kl["rlhf"] = kl_along(model, sft_model, prompts, out, tokenizer.pad_id)
+        if sft_model is None:  # the first chat model (SFT) is the one KL is measured to
+            sft_model, kl[stage] = model, [0.0] * len(out)  # KL of a model to itself
+        else:
+            kl[stage] = kl_along(model, sft_model, prompts, out, tokenizer.pad_id)
     return replies, lengths, kl
 
 
 def summarise(name: str, records: list[PromptRecord], replies: list[str], lengths: list[int],
               rewards: list[float] | None, kl: list[float] | None) -> dict:
-    """One row of the table, with 3 sample replies spread over the questions."""
+    """One row of the table, with SAMPLES replies spread over the questions (the same questions
+    for every variant, so the report can set them side by side)."""
     questions = [r.prompt[0].content for r in records]
-    picks = sorted({round(i * (len(records) - 1) / 2) for i in range(3)})
+    picks = sorted({round(i * (len(records) - 1) / max(1, SAMPLES - 1)) for i in range(SAMPLES)})
     return {
         "name": name,
-        "exact_match": mean([float(r.ground_truth in t) for r, t in zip(records, replies)]),
+        "exact_match": mean([float(exact_match(t, r.ground_truth)) for r, t in zip(records, replies)]),
         "reward": mean(rewards) if rewards is not None else None,
         "kl_to_sft": mean(kl) if kl is not None else None,
         "length": mean(lengths),
@@ -303,27 +296,38 @@ def evaluate_stages(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
     replies: dict[str, list[str]] = {}
     lengths: dict[str, list[int]] = {}
     skipped: dict[str, str] = {}
-    base = base_dir(cfg)
+    base = base_model(cfg)
     if has_model(base):
         replies, lengths = base_variants(base, questions, examples, log)
     else:
-        skipped |= {f"base {k}-shot": f"{base}: no config.json" for k in SHOTS}
+        skipped |= {shots(k): f"{base}: no config.json" for k in SHOTS}
     chat, chat_lengths, kl = chat_variants(cfg.run_dir, records, log, skipped)
     replies, lengths = replies | chat, lengths | chat_lengths
     rewards: dict[str, list[float]] = {}
-    if has_model(cfg.run_dir / "reward"):
+    if has_model(scorer := RunFolder(cfg.run_dir).model(REWARD_MODEL)):
         log("reward model: scoring every reply")
-        rewards = reward_scores(cfg.run_dir / "reward", questions, replies)
+        rewards = reward_scores(scorer, questions, replies)
     variants = [summarise(n, records, replies[n], lengths[n], rewards.get(n), kl.get(n))
                 for n in VARIANTS if n in replies]
     result = {"questions": len(records), "variants": variants, "skipped": skipped,
               "claims": check_claims({v["name"]: v for v in variants})}
-    out_dir = cfg.run_dir / "eval"
+    out_dir = RunFolder(cfg.run_dir).eval
     write_json_atomic(out_dir / "stages.json", result)
     write_text_atomic(out_dir / "stages.md", markdown(cfg.name, result))
     plot(variants, out_dir / "stages.png")
     log(f"wrote {out_dir}/stages.json, stages.md and stages.png")
     return out_dir
+
+
+def is_current(cfg: RunConfig) -> bool:
+    """eval/stages.json exists and is newer than every model folder it could have read."""
+    result = RunFolder(cfg.run_dir).eval / "stages.json"
+    if not result.exists():
+        return False
+    run = RunFolder(cfg.run_dir)
+    models = [base_model(cfg), *(run.model(name) for name in (*CHATS, REWARD_MODEL))]
+    written = [(m / "config.json").stat().st_mtime for m in models if has_model(m)]
+    return all(t < result.stat().st_mtime for t in written)
 
 
 def run_evaluation(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:

@@ -26,12 +26,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
-from ray import serve
+from ray import serve as ray_serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from rlhf_ray.cluster import ACTOR_ENV
 from rlhf_ray.config import KVCacheConfig, ServeConfig
+from rlhf_ray.run import CHAT_MODELS, REWARD_MODEL, RunFolder
 from serve.protocol import (
     Body,
     ChatCompletionRequest,
@@ -45,7 +46,7 @@ from serve.protocol import (
     now,
 )
 
-CHAT_STAGES = ("base", "sft", "rlhf")
+CHAT_STAGES = CHAT_MODELS  # the stages vLLM replicas serve (rlhf_ray/run.py)
 PAGE = Path(__file__).with_name("page.html")
 # The ingress only relays; the stage deployments' own limits (serve.max_ongoing_requests and
 # serve.max_queued_requests) decide what is served, queued or answered 503.
@@ -54,7 +55,7 @@ INGRESS_MAX_ONGOING = 4096
 api = FastAPI(title="rlhf-ray", docs_url=None, redoc_url=None)
 
 
-@serve.deployment
+@ray_serve.deployment
 class RewardModel:
     """The reward model: one score per conversation (its last turn the assistant's). Its folder
     comes in the user_config, so pointing it at another folder swaps the model in place."""
@@ -78,25 +79,18 @@ class RewardModel:
         return load_tokenizer(folder), model, model.config.max_position_embeddings
 
     def score(self, conversations: list[list[dict[str, str]]]) -> list[float] | dict:
-        import torch
-
         from rlhf_ray.data.records import Message
-        from rlhf_ray.modeling import sequence_scores
+        from rlhf_ray.modeling import score_conversations
 
-        tokenizer, model, max_len = self.loaded  # one model for the whole call, even mid-swap
-        rendered = [tokenizer.render_chat([Message(**m) for m in c])[0] for c in conversations]
-        longest = max(len(ids) for ids in rendered)
-        if longest > max_len:
-            return {"error": f"a conversation is {longest} tokens; the reward model's context is "
-                             f"{max_len}", "param": "messages"}
-        pad = tokenizer.pad_id
-        ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rendered])
-        mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rendered])
-        with torch.no_grad():
-            return sequence_scores(model, ids, mask).float().tolist()
+        tokenizer, model, _ = self.loaded  # one model for the whole call, even mid-swap
+        try:
+            return score_conversations(model, tokenizer, [[Message(**m) for m in c]
+                                                          for c in conversations])
+        except ValueError as e:  # too long for the model's context
+            return {"error": str(e), "param": "messages"}
 
 
-@serve.deployment
+@ray_serve.deployment
 class StageModel:
     """One stage's vLLM engine; `generate` streams lists of `Delta`s (serve.engine.batched).
 
@@ -158,7 +152,7 @@ class StageModel:
         """This replica, the folder it serves, and its engine's running and aborted requests."""
         return {**self.engine.stats(), "folder": self.folder_key[0], "reloads": self.reloads,
                 "retiring": len(self.draining),
-                "replica": serve.get_replica_context().replica_id.unique_id}
+                "replica": ray_serve.get_replica_context().replica_id.unique_id}
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -191,9 +185,9 @@ async def replies(first: list[Delta], rest: Any) -> AsyncIterator[Delta]:
             yield delta
 
 
-# Ingress is pickled as it is defined (serve.ingress wraps it), so what it uses is defined above.
-@serve.deployment
-@serve.ingress(api)
+# Ingress is pickled as it is defined (ray_serve.ingress wraps it), so what it uses is defined above.
+@ray_serve.deployment
+@ray_serve.ingress(api)
 class Ingress:
     def __init__(self, stages: dict[str, DeploymentHandle], reward: DeploymentHandle | None,
                  api_key_env: str | None, max_body_bytes: int) -> None:
@@ -238,14 +232,14 @@ class Ingress:
     async def models(self, request: Request) -> Any:
         if (refused := self.refuse(request)) is not None:
             return refused
-        ids = list(self.stages) + (["reward"] if self.reward is not None else [])
+        ids = list(self.stages) + ([REWARD_MODEL] if self.reward is not None else [])
         return {"object": "list", "data": [
             {"id": model, "object": "model", "created": now(), "owned_by": "rlhf-ray"}
             for model in ids]}
 
     @api.post("/v1/score")
     async def score(self, request: Request) -> Any:
-        parsed = await self.parse(request, ScoreRequest, ["reward"] if self.reward else [])
+        parsed = await self.parse(request, ScoreRequest, [REWARD_MODEL] if self.reward else [])
         if isinstance(parsed, JSONResponse):
             return parsed
         messages = [m.model_dump(include={"role", "content"}) for m in parsed.messages]
@@ -264,7 +258,7 @@ class Ingress:
         if isinstance(scores, dict):
             return error(400, scores["error"], param=scores["param"])
         ranking = sorted(range(len(scores)), key=lambda i: -scores[i])
-        return {"object": "score", "model": "reward", "scores": scores, "ranking": ranking}
+        return {"object": "score", "model": REWARD_MODEL, "scores": scores, "ranking": ranking}
 
     @api.get("/", response_class=HTMLResponse)
     async def page(self) -> str:
@@ -278,7 +272,7 @@ class Ingress:
     @api.get("/ready")
     async def ready(self) -> dict:
         return {"status": "ready",
-                "models": sorted(self.stages) + (["reward"] if self.reward is not None else [])}
+                "models": sorted(self.stages) + ([REWARD_MODEL] if self.reward is not None else [])}
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
@@ -361,7 +355,8 @@ class Ingress:
 def stage_folders(run_dir: Path, cfg: ServeConfig) -> dict[str, Path]:
     """The configured stages (chat stages and the reward model) with a complete model folder:
     the run's own, or the one `serve.folders` names."""
-    folders = {stage: Path(cfg.folders.get(stage, Path(run_dir) / stage)) for stage in cfg.stages}
+    run = RunFolder(Path(run_dir))
+    folders = {stage: Path(cfg.folders.get(stage, run.model(stage))) for stage in cfg.stages}
     return {stage: folder for stage, folder in folders.items() if (folder / "config.json").is_file()}
 
 
@@ -378,17 +373,18 @@ def folder_config(folder: Path) -> dict[str, str]:
 
 
 def deployment_name(stage: str) -> str:
-    return "reward" if stage == "reward" else f"stage-{stage}"
+    return REWARD_MODEL if stage == REWARD_MODEL else f"stage-{stage}"
 
 
-def build_app(run_dir: Path, cfg: ServeConfig, stages: list[str] | None = None) -> serve.Application:
+def build_app(run_dir: Path, cfg: ServeConfig, stages: list[str] | None = None) -> ray_serve.Application:
     """The application of `run_dir`'s stage folders; each folder is its deployment's user_config.
 
     `stages` fixes which deployments exist (default: the stages whose folders are there); the
     deployer may then point any of them at another folder by overriding its user_config alone,
     which Serve applies in place."""
     found = stage_folders(Path(run_dir), cfg)
-    folders = found if stages is None else {s: found.get(s, Path(run_dir) / s) for s in stages}
+    run = RunFolder(Path(run_dir))
+    folders = found if stages is None else {s: found.get(s, run.model(s)) for s in stages}
     if not any(stage in CHAT_STAGES for stage in folders):
         raise FileNotFoundError(f"{run_dir}: no stage model to serve (none of {list(CHAT_STAGES)} "
                                 "has a complete folder); run the pipeline first")
@@ -408,9 +404,9 @@ def build_app(run_dir: Path, cfg: ServeConfig, stages: list[str] | None = None) 
         for stage, folder in folders.items() if stage in CHAT_STAGES
     }
     reward = None
-    if "reward" in folders:
+    if REWARD_MODEL in folders:
         reward = RewardModel.options(
-            name=deployment_name("reward"), user_config=folder_config(folders["reward"]),
+            name=deployment_name(REWARD_MODEL), user_config=folder_config(folders[REWARD_MODEL]),
             ray_actor_options=replica_options, graceful_shutdown_timeout_s=cfg.drain_timeout_s,
         ).bind()
     return Ingress.options(
@@ -419,7 +415,7 @@ def build_app(run_dir: Path, cfg: ServeConfig, stages: list[str] | None = None) 
     ).bind(handles, reward, cfg.api_key_env, cfg.max_body_bytes)
 
 
-def app_builder(args: dict[str, Any]) -> serve.Application:
+def app_builder(args: dict[str, Any]) -> ray_serve.Application:
     """The app of the run folder `args["run"]` (serve/serve_config.yaml's import_path).
 
     The serve settings are `args["serve"]` when given (rlhf-ray serve passes them), otherwise
@@ -430,5 +426,5 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     if "serve" in args:
         cfg = ServeConfig.model_validate(args["serve"])
     else:
-        cfg = load_config(run_dir / "config.yaml").serve
+        cfg = load_config(RunFolder(run_dir).config).serve
     return build_app(run_dir, cfg, args.get("stages"))

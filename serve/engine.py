@@ -23,6 +23,8 @@ from rlhf_ray.config import KVCacheConfig
 from rlhf_ray.data.records import Message
 from rlhf_ray.memory import check_kv_fits, vllm_memory_args
 from rlhf_ray.modeling import model_max_len
+from rlhf_ray.prompting import prompt_ids
+from rlhf_ray.run import serves_as
 from rlhf_ray.tokenizer import load_tokenizer
 from serve.protocol import ChatCompletionRequest, CompletionRequest, Delta, SamplingFields
 
@@ -53,20 +55,14 @@ class StageEngine:
             **memory))
         self.aborted = 0  # requests stopped before their end (their client went away)
 
-    @property
-    def chat(self) -> bool:
-        return self.stage != "base"
-
     def prompt_ids(self, request: ChatCompletionRequest | CompletionRequest) -> list[int]:
         if isinstance(request, CompletionRequest):
             return self.tokenizer.encode_document(request.prompt)
         messages = [Message(role=m.role, content=m.content) for m in request.messages]
-        if self.chat:
-            if messages[-1].role == "assistant":
-                raise RequestError("the last message must be the user's (or the system's): the "
-                                   "model writes the assistant's next turn", "messages")
-            return self.tokenizer.render_prompt(messages)
-        return self.tokenizer.encode_document("\n".join(m.content for m in messages) + "\n")
+        try:
+            return prompt_ids(self.tokenizer, serves_as(self.stage), messages)
+        except ValueError as e:  # a chat ending with the assistant's turn
+            raise RequestError(str(e), "messages") from None
 
     def sampling_params(self, request: SamplingFields, prompt_tokens: int) -> SamplingParams:
         room = self.max_len - prompt_tokens

@@ -22,7 +22,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from ray import serve
+from ray import serve as ray_serve
 
 from rlhf_ray.compare.store import AlreadyRanked, ComparisonStore, RankingError
 from serve.app import error, read_api_key
@@ -42,9 +42,9 @@ class RankingBody(BaseModel):
     unacceptable: list[int] = Field(default_factory=list, description="Indices marked unacceptable.")
 
 
-# RankingPage is pickled as it is defined (serve.ingress), so what it uses is defined above.
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
-@serve.ingress(rank_api)
+# RankingPage is pickled as it is defined (ray_serve.ingress), so what it uses is defined above.
+@ray_serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+@ray_serve.ingress(rank_api)
 class RankingPage:
     def __init__(self, folder: str, lease_s: float, api_key_env: str | None) -> None:
         self.store = ComparisonStore(Path(folder), lease_s)
@@ -112,7 +112,7 @@ class RankingPage:
                 "progress": progress}
 
 
-def app_builder(args: dict[str, Any]) -> serve.Application:
+def app_builder(args: dict[str, Any]) -> ray_serve.Application:
     """The ranking page of `args["folder"]` (a run's compare/), for a Serve config."""
     return RankingPage.bind(str(args["folder"]), float(args.get("lease_s", 600.0)),
                             args.get("api_key_env"))

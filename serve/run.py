@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import ray
-from ray import serve
+from ray import serve as ray_serve
 from ray.serve._private.api import serve_start
 from ray.serve.schema import (
     ApplicationStatus,
@@ -27,6 +27,7 @@ from rlhf_ray.cluster import ResourcesError, bundle, connect, describe, joins_cl
 from rlhf_ray.compare.store import ComparisonStore
 from rlhf_ray.config import RunConfig
 from rlhf_ray.plan import check_fits_here
+from rlhf_ray.run import RunFolder
 from serve.app import CHAT_STAGES, build_app, deployment_name, folder_config, read_api_key, stage_folders
 
 APP_NAME = "rlhf-ray"
@@ -37,10 +38,11 @@ def deploy_config(run_dir: Path, cfg: RunConfig, chat: bool = True) -> ServeDepl
     """Serve's own config for this run: what `serve deploy` would be given. It holds the chat
     app (unless `chat` is False) and, when the run has comparisons to rank, the ranking page."""
     apps = [chat_app(run_dir, cfg)] if chat else []
-    if ComparisonStore(run_dir / "compare").has_candidates():
+    compare = RunFolder(Path(run_dir)).compare
+    if ComparisonStore(compare).has_candidates():
         apps.append(ServeApplicationSchema(
             name=RANK_APP, route_prefix="/rank", import_path="serve.rank:app_builder",
-            args={"folder": str((run_dir / "compare").resolve()),
+            args={"folder": str(compare.resolve()),
                   "lease_s": cfg.compare.lease_s if cfg.compare else 600.0,
                   "api_key_env": cfg.serve.api_key_env},
             runtime_env=key_env(cfg)))
@@ -89,7 +91,7 @@ def start(run_dir: Path, cfg: RunConfig, chat: bool = True) -> str:
         raise FileNotFoundError(f"{run_dir / 'compare'}: no candidates to rank; sample them "
                                 "first (rlhf-ray compare-data)")
     names = [app.name for app in config.applications]
-    first_deploy = [n for n in names if n not in serve.status().applications]
+    first_deploy = [n for n in names if n not in ray_serve.status().applications]
     # Deploying a config removes the apps it leaves out: keep the others as they were deployed.
     running = ServeInstanceDetails(**client.get_serve_details()).applications
     config.applications += [app.deployed_app_config for name, app in running.items()
@@ -99,7 +101,7 @@ def start(run_dir: Path, cfg: RunConfig, chat: bool = True) -> str:
         wait_running(names, cfg.serve.start_timeout_s, replica)
     except ResourcesError:
         for name in first_deploy:  # nothing was serving before: leave nothing half-started
-            serve.delete(name, _blocking=False)
+            ray_serve.delete(name, _blocking=False)
         raise
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 
@@ -110,7 +112,7 @@ def wait_running(names: list[str], timeout_s: float, replica: dict[str, float]) 
     start = time.monotonic()
     said = 0.0
     while True:
-        status = serve.status().applications
+        status = ray_serve.status().applications
         apps = [status.get(name) for name in names]
         deployments = {n: d for app in apps if app for n, d in app.deployments.items()}
         if all(app is not None and app.status == ApplicationStatus.RUNNING for app in apps) and all(

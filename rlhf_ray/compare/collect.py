@@ -28,6 +28,7 @@ from rlhf_ray.data.readers import read_many
 from rlhf_ray.data.records import PromptRecord
 from rlhf_ray.modeling import check_model_folder, model_max_len
 from rlhf_ray.plan import check_fits_here
+from rlhf_ray.run import RunFolder
 from rlhf_ray.tokenizer import load_tokenizer, render_prompts
 
 Log = Callable[[str], None]
@@ -41,13 +42,13 @@ def compare_settings(cfg: RunConfig) -> CompareConfig:
 
 
 def store_of(cfg: RunConfig) -> ComparisonStore:
-    return ComparisonStore(cfg.run_dir / "compare", compare_settings(cfg).lease_s)
+    return ComparisonStore(RunFolder(cfg.run_dir).compare, compare_settings(cfg).lease_s)
 
 
 def prompt_files(cfg: RunConfig) -> list[Path]:
     files = list(compare_settings(cfg).prompts)
     if not files and cfg.data.demo is not None:
-        files = [cfg.run_dir / "data" / "compare.jsonl"]
+        files = [RunFolder(cfg.run_dir).demo_file("compare")]
     if not files:
         raise ValueError("compare.prompts: no prompt files (set compare.prompts, or data.demo)")
     return files
@@ -67,7 +68,7 @@ def sample_candidates(cfg: RunConfig, prompts: list[PromptRecord], log: Log) -> 
     from rlhf_ray.rl.rollout import RolloutActor  # vLLM is imported only where it is needed
 
     settings = compare_settings(cfg)
-    sft = cfg.run_dir / "sft"
+    sft = RunFolder(cfg.run_dir).output("sft")
     check_model_folder(sft)
     tokenizer = load_tokenizer(sft)
     max_len = model_max_len(sft)

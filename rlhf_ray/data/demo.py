@@ -14,7 +14,6 @@ Every generator seeds its own `random.Random(cfg.seed)`, so each file depends on
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 
 from rlhf_ray.config import DemoDataConfig
 from rlhf_ray.data.world import COUNTRIES, Country
+from rlhf_ray.run import record_file
+from rlhf_ray.storage import write_text_atomic
 
 Row = dict[str, Any]  # one JSON record
 
@@ -444,19 +445,12 @@ def write_demo_data(out_dir: Path, cfg: DemoDataConfig) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, rows in records.items():
-        paths[name] = out_dir / f"{name}.jsonl"
-        write_atomic(paths[name], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        paths[name] = record_file(out_dir, name)
+        write_text_atomic(paths[name], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     summary = {
         "seed": cfg.seed,
         "split": {part: [c.name for c in members] for part, members in split.items()},
         "countries": [{**asdict(c), "population_text": c.population_text} for c in world_countries(cfg)],
     }
-    write_atomic(out_dir / "world.json", json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
+    write_text_atomic(out_dir / "world.json", json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     return paths
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Readers see the old file or the whole new one, never half of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -54,12 +54,13 @@ from rlhf_ray.rl.algorithms import (
     truncated_is_weights,
     unfinished_penalty,
 )
-from rlhf_ray.rl.rewards import FunctionReward, HTTPReward, contains_answer
+from rlhf_ray.prompting import exact_match
+from rlhf_ray.rl.rewards import FunctionReward, HTTPReward
 from rlhf_ray.rl.roles import Experience, pack_rollouts
 from rlhf_ray.rl.rollout import Rollout
 from rlhf_ray.storage import atomic_folder, write_json_atomic
 from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer, render_prompts
-from rlhf_ray.train.loop import append_metrics, keep_metrics_before
+from rlhf_ray.run import RunFolder, append_metrics, keep_metrics_before
 
 Log = Callable[[str], None]
 
@@ -167,9 +168,9 @@ class PPOTrainer:
     def __init__(self, cfg: RunConfig, train_files: list[Path], eval_files: list[Path],
                  log: Log = print) -> None:
         self.cfg, self.ppo, self.log = cfg, cfg.ppo, log
-        run = cfg.run_dir
-        self.sft_dir, self.reward_dir = run / "sft", run / "reward"
-        self.checkpoints = run / "checkpoints" / "ppo"
+        run = RunFolder(cfg.run_dir)
+        self.sft_dir, self.reward_dir = run.output("sft"), run.output("reward")
+        self.checkpoints = run.checkpoints("ppo")
         check_model_folder(self.sft_dir)
         ppo = self.ppo
         if ppo.reward_source == "model":
@@ -468,9 +469,9 @@ class PPOTrainer:
             result[f"eval_length_{name}"] = mask.sum(1).mean().item()
             if name == "greedy":
                 texts = [self.response_text(r) for r in rollouts]
-                scored = [(t, p.ground_truth) for t, p in zip(texts, prompts) if p.ground_truth]
+                scored = [exact_match(t, p.ground_truth) for t, p in zip(texts, prompts) if p.ground_truth]
                 if scored:
-                    result["eval_exact_match"] = sum(contains_answer(t, g) for t, g in scored) / len(scored)
+                    result["eval_exact_match"] = sum(scored) / len(scored)
             else:  # the k1 estimate is unbiased only on the policy's own samples
                 policy_lp, ref_lp = (self.policy.rows("logprobs", exp_ref),
                                      self.reference.rows("logprobs", exp_ref))
@@ -535,7 +536,7 @@ def run_ppo(cfg: RunConfig, train_files: list[Path], eval_files: list[Path],
     checkpoint (up to ppo.role_restarts times), and the steps after it are run again, their
     earlier metric lines dropped, so each step is in metrics/ppo.jsonl once."""
     ppo = cfg.ppo
-    metrics_path = cfg.run_dir / "metrics" / "ppo.jsonl"
+    metrics_path = RunFolder(cfg.run_dir).metrics("ppo")
     restarts_left = ppo.role_restarts
     trainer = PPOTrainer(cfg, train_files, eval_files, log)
     try:
@@ -557,7 +558,7 @@ def run_ppo(cfg: RunConfig, train_files: list[Path], eval_files: list[Path],
                 log(f"a PPO role worker died ({', '.join(dead)}); recreating the roles from "
                     f"{checkpoint or 'the start'} (ppo.role_restarts: {restarts_left} left)")
                 trainer = PPOTrainer(cfg, train_files, eval_files, log)
-        out = cfg.run_dir / "rlhf"
+        out = RunFolder(cfg.run_dir).output("ppo")
         trainer.export(out)
         return out
     finally:

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from rlhf_ray.functions import import_function
+from rlhf_ray.prompting import exact_match
 
 
 def _checked(value: object, source: str, index: int) -> float:
@@ -26,8 +27,9 @@ def _checked(value: object, source: str, index: int) -> float:
 
 
 def contains_answer(text: str, ground_truth: str | None) -> float:
-    """1.0 if the ground truth appears in the text, else 0.0 (0.0 without a ground truth)."""
-    return float(bool(ground_truth) and ground_truth in text)
+    """1.0 if the ground truth appears in the text, else 0.0 (0.0 without a ground truth): the
+    exact match of rlhf_ray.prompting, as a reward."""
+    return float(exact_match(text, ground_truth))
 
 
 class FunctionReward:

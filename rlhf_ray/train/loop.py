@@ -37,6 +37,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from rlhf_ray.config import TrainStage
+from rlhf_ray.run import append_metrics, keep_metrics_before
 from rlhf_ray.train.flops import peak_flops
 from rlhf_ray.train.optim import lr_at, make_optimizer
 
@@ -281,19 +282,3 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[name] = tensor.clone() if tensor.data_ptr() in seen else tensor
         seen.add(tensor.data_ptr())
     return out
-
-
-def keep_metrics_before(path: Path, step: int) -> None:
-    """Drop metric lines after `step`: a resumed run writes those steps again, once."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def append_metrics(path: Path | None, metrics: dict[str, Any]) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(metrics) + "\n")

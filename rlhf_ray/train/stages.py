@@ -15,14 +15,10 @@ from rlhf_ray.config import RunConfig
 from rlhf_ray.data.readers import RecordError, read_many
 from rlhf_ray.data.records import ChatRecord, ComparisonRecord
 from rlhf_ray.modeling import check_model_folder
+from rlhf_ray.run import RunFolder, base_model, stage
 from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer
 from rlhf_ray.train.ray_stage import run_on_ray_train
 from rlhf_ray.train.tasks import ChatExample, PretrainTask, RewardTask, SFTTask
-
-
-def base_dir(cfg: RunConfig) -> Path:
-    """The model SFT starts from: the pretrained folder given, or this run's `base/`."""
-    return cfg.model.pretrained or cfg.run_dir / "base"
 
 
 def _too_long(where: str, what: str, length: int, limit: int) -> str:
@@ -59,12 +55,15 @@ def comparison_groups(records: list[ComparisonRecord], tokenizer: ChatTokenizer,
     return groups
 
 
-def _require_model(folder: Path, stage: str, produced_by: str) -> None:
+def _require_model(folder: Path, name: str) -> None:
+    """`folder` (what stage `name` starts from) is a complete model, or the error says which
+    stage makes it."""
     try:
         check_model_folder(folder)
     except (FileNotFoundError, ValueError) as e:
-        raise FileNotFoundError(f"{stage} starts from {folder}, which is not usable ({e}); "
-                                f"run {produced_by} first") from None
+        made_by = stage(stage(name).needs[0])
+        raise FileNotFoundError(f"{name} starts from {folder}, which is not usable ({e}); run "
+                                f"`rlhf-ray {made_by.name}` ({made_by.help}) first") from None
 
 
 def _records(files: dict[str, list[Path]], kind: str, record_type: type) -> list:
@@ -74,33 +73,34 @@ def _records(files: dict[str, list[Path]], kind: str, record_type: type) -> list
 
 
 def pretrain_task(cfg: RunConfig) -> PretrainTask:
-    task = PretrainTask(cfg, tokens_dir=cfg.run_dir / "data" / "tokens",
-                        tokenizer_dir=cfg.run_dir / "tokenizer", out_dir=cfg.run_dir / "base")
+    run = RunFolder(cfg.run_dir)
+    task = PretrainTask(cfg, tokens_dir=run.tokens, tokenizer_dir=run.tokenizer,
+                        out_dir=run.output("pretrain"))
     task.check_data()
     return task
 
 
 def sft_task(cfg: RunConfig, files: dict[str, list[Path]]) -> SFTTask:
-    init = base_dir(cfg)
-    _require_model(init, "sft", "pretraining (rlhf-ray pretrain)")
+    init = base_model(cfg)
+    _require_model(init, "sft")
     tokenizer = load_tokenizer(init)
     limit = cfg.model.max_seq_len
     return SFTTask(cfg, chat_examples(_records(files, "sft", ChatRecord), tokenizer, limit),
                    chat_examples(read_many(files["sft_eval"], ChatRecord), tokenizer, limit),
-                   init_dir=init, out_dir=cfg.run_dir / "sft")
+                   init_dir=init, out_dir=RunFolder(cfg.run_dir).output("sft"))
 
 
 def reward_task(cfg: RunConfig, files: dict[str, list[Path]]) -> RewardTask:
-    init = cfg.run_dir / "sft"
-    _require_model(init, "reward", "SFT (rlhf-ray sft)")
+    init = RunFolder(cfg.run_dir).output("sft")
+    _require_model(init, "reward")
     tokenizer = load_tokenizer(init)
     limit = cfg.model.max_seq_len
     return RewardTask(cfg, comparison_groups(_records(files, "reward", ComparisonRecord), tokenizer, limit),
                       comparison_groups(read_many(files["reward_eval"], ComparisonRecord), tokenizer, limit),
-                      init_dir=init, out_dir=cfg.run_dir / "reward")
+                      init_dir=init, out_dir=RunFolder(cfg.run_dir).output("reward"))
 
 
 def train_stage(task: PretrainTask | SFTTask | RewardTask, cfg: RunConfig) -> dict:
-    return run_on_ray_train(task, storage=cfg.run_dir / "checkpoints",
-                            metrics_path=cfg.run_dir / "metrics" / f"{task.name}.jsonl",
+    run = RunFolder(cfg.run_dir)
+    return run_on_ray_train(task, storage=run.checkpoints(), metrics_path=run.metrics(task.name),
                             autoscaling=joins_cluster(cfg.cluster))

@@ -21,6 +21,7 @@ from rlhf_ray.modeling import (
     load_policy,
     load_scalar_model,
     new_policy,
+    pad,
     save_model,
     sequence_scores,
 )
@@ -55,17 +56,6 @@ def epoch_order(num_items: int, batch_size: int, step: int, seed: int) -> list[i
             permutations[epoch] = np.random.default_rng([seed, epoch]).permutation(num_items)
         order.append(int(permutations[epoch][offset]))
     return order
-
-
-def pad(sequences: list[Sequence], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest (numpy arrays or lists of ids): (ids, attention mask)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.as_tensor(np.asarray(sequence, dtype=np.int64))
-        attention[row, : len(sequence)] = 1
-    return ids, attention
 
 
 class _LanguageModelTask:

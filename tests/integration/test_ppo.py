@@ -21,7 +21,8 @@ import torch
 
 from rlhf_ray.config import load_config
 from rlhf_ray.modeling import load_policy
-from rlhf_ray.pipeline import data_files, make_demo_data
+from rlhf_ray.pipeline import make_demo_data
+from rlhf_ray.run import data_files
 from rlhf_ray.rl.ppo import PPOTrainer
 from rlhf_ray.rl.rewards import FunctionReward
 from rlhf_ray.rl.rollout import StaleWeightsError

@@ -15,7 +15,7 @@ import pytest
 import ray
 
 from rlhf_ray.config import load_config
-from rlhf_ray.pipeline import data_files
+from rlhf_ray.run import data_files
 from rlhf_ray.rl.ppo import PPOTrainer, run_ppo, run_steps
 from tests.integration.test_ppo import REPO, greedy, hf_greedy_with_policy_weights, make_run
 

@@ -18,7 +18,7 @@ import openai
 import pytest
 import ray
 import torch
-from ray import serve
+from ray import serve as ray_serve
 
 from rlhf_ray.compare.store import Candidate, ComparisonStore
 from rlhf_ray.config import load_config
@@ -71,7 +71,7 @@ def served(tiny_policy_dir, tiny_reward_dir, tmp_path_factory):
     if started_here:
         ray.init(num_cpus=2, include_dashboard=False)
     yield start(cfg.run_dir, cfg), cfg
-    serve.shutdown()
+    ray_serve.shutdown()
     if started_here:
         ray.shutdown()
 
@@ -313,7 +313,7 @@ def stream(url: str, body: dict, events: list | None = None) -> dict:
 
 
 def stage_stats(stage: str) -> dict:
-    return serve.get_deployment_handle(f"stage-{stage}", app_name=APP_NAME).stats.remote().result()
+    return ray_serve.get_deployment_handle(f"stage-{stage}", app_name=APP_NAME).stats.remote().result()
 
 
 def test_overload_is_answered_503_at_once_and_the_accepted_requests_finish(url):

@@ -86,11 +86,14 @@ def test_sft_samples_ranked_by_a_labeler_function_become_reward_data(run):
     assert len(reward_task(cfg, files).groups) == len(templates) + len(rankings)
 
 
-def test_the_pipeline_reports_what_each_stage_does(run):
-    report = json.loads((run / "metrics" / "eval.json").read_text())
-    assert report["base"]["question"] == "What is the capital of France?"
-    assert 0 <= report["sft"]["held_out_exact_match"]["rate"] <= 1
-    assert 0 <= report["reward"]["held_out_pairwise_accuracy"] <= 1
+def test_the_pipeline_evaluates_every_stage_and_reports_it(run):
+    result = json.loads((run / "eval" / "stages.json").read_text())
+    names = [v["name"] for v in result["variants"]]
+    assert names == ["base 0-shot", "base 1-shot", "base 3-shot", "base 5-shot", "sft", "rlhf"]
+    assert all(0 <= v["exact_match"] <= 1 and isinstance(v["reward"], float) for v in result["variants"])
+    report = (run / "report.md").read_text()
+    assert "| reward |" in report and "held-out pairwise accuracy" in report
+    assert "| question | base continues | SFT | RLHF | reference |" in report
 
 
 def test_a_rerun_skips_every_finished_stage(run, capsys):
@@ -99,6 +102,7 @@ def test_a_rerun_skips_every_finished_stage(run, capsys):
     out = capsys.readouterr().out
     for folder in ("base", "sft", "reward"):
         assert f"{run / folder} exists, skipped" in out
+    assert "is newer than every model, skipped" in out  # the evaluation is not redone
     assert (run / "sft" / "model.safetensors").stat().st_mtime_ns == before
 
 

@@ -11,7 +11,7 @@ import torch
 from rlhf_ray.config import ConfigError, PPOConfig, load_config
 from rlhf_ray.data.readers import RecordError
 from rlhf_ray.data.records import Message
-from rlhf_ray.pipeline import ppo_before_after
+from rlhf_ray.report import ppo_before_after
 from rlhf_ray.rl.ppo import (
     PPOTrainer,
     check_finite_updates,

@@ -10,10 +10,10 @@ import torch
 from rlhf_ray.config import validate_config
 from rlhf_ray.modeling import load_policy
 from rlhf_ray.report import stages_section
+from rlhf_ray.run import RunFolder
 from rlhf_ray.stage_eval import (
     MAX_NEW_TOKENS,
     answers,
-    base_document,
     check_claims,
     evaluate_stages,
     few_shot_examples,
@@ -69,15 +69,6 @@ def make_config(tmp_path: Path, questions: list[dict] = QUESTIONS, chats: list[d
 def test_answers_means_a_first_line_that_is_not_a_question(reply, expected):
     assert answers("What is the capital of Peru?", reply) is expected
     assert answers("What is the capital of Peru", reply) is expected
-
-
-def test_the_few_shot_document_format():
-    examples = [("Where is Peru?", "Peru is in South America."), ("Capital of Japan?", "Tokyo.")]
-    assert base_document([], "What is the capital of Kenya?") == "What is the capital of Kenya?\n"
-    assert base_document(examples, "Capital of Kenya?") == (
-        "Q: Where is Peru?\nA: Peru is in South America.\n\n"
-        "Q: Capital of Japan?\nA: Tokyo.\n\n"
-        "Q: Capital of Kenya?\nA:")
 
 
 def test_few_shot_examples_are_single_turn_seeded_and_varied(tmp_path):
@@ -150,7 +141,7 @@ def test_evaluate_stages_on_a_tiny_run(tmp_path, tiny_policy_dir, tiny_reward_di
     text = (out / "stages.md").read_text()
     assert "| model | exact match | RM score | KL to SFT | length (tokens) | answers |" in text
     assert "![stages](stages.png)" in text and "first line" in text
-    section = stages_section(cfg.run_dir)
+    section = stages_section(RunFolder(cfg.run_dir))
     assert section[1] == "## Evaluation across stages" and "![stages](eval/stages.png)" in section
 
 

@@ -20,10 +20,10 @@ from rlhf_ray.config import Optim, load_config
 from rlhf_ray.data.readers import RecordError, read_records
 from rlhf_ray.data.records import ChatRecord
 from rlhf_ray.modeling import check_model_folder, load_policy, load_scalar_model, new_policy
+from rlhf_ray.run import keep_metrics_before
 from rlhf_ray.tokenizer import END, load_tokenizer
 from rlhf_ray.train.loop import (
     Worker,
-    keep_metrics_before,
     load_checkpoint,
     save_checkpoint,
     train,

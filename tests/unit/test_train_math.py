@@ -15,7 +15,8 @@ from rlhf_ray.modeling import count_parameters, new_policy
 from rlhf_ray.train.flops import flops_per_token
 from rlhf_ray.train.losses import IGNORE, bradley_terry_loss, lm_loss, shifted_labels
 from rlhf_ray.train.optim import lr_at, make_optimizer
-from rlhf_ray.train.tasks import chunks, epoch_order, pad, worker_slice
+from rlhf_ray.modeling import pad
+from rlhf_ray.train.tasks import chunks, epoch_order, worker_slice
 from tests.tiny import TINY_MODEL
 
 # --------------------------------------------------------------------------- lr_at
