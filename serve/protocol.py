@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP bodies, as pydantic models: what a request may say, what we answer.
+"""The HTTP side shared by the served apps: OpenAI-compatible bodies as pydantic models, OpenAI's
+error shape, and the API key.
 
 Only the fields this server honours are accepted; an unknown field is a 400 that names it, so a
 client never believes a setting took effect when it did not.
@@ -6,12 +7,15 @@ client never believes a setting took effect when it did not.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class Body(BaseModel):
@@ -83,6 +87,36 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
                code: str | None = None) -> dict:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+          code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, param, code), status_code=status)
+
+
+def validation_message(e: ValidationError) -> tuple[str, str | None]:
+    """The first thing wrong with a body, as "field: what", and the field's dotted name."""
+    first = e.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    return f"{param}: {first['msg']}" if param else first["msg"], param
+
+
+def read_api_key(env: str | None) -> str | None:
+    """The key in environment variable `env` (None: no key is required)."""
+    if env is None:
+        return None
+    if not os.environ.get(env):
+        raise ValueError(f"serve.api_key_env is {env!r}, but that environment variable is not "
+                         "set (or empty)")
+    return os.environ[env]
+
+
+def refusal(api_key: str | None, request: Request) -> JSONResponse | None:
+    """The 401 for a request without the API key (when one is set); None lets it through."""
+    if api_key is None or request.headers.get("authorization", "") == f"Bearer {api_key}":
+        return None
+    return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                 code="invalid_api_key")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The ranking page: people order the SFT model's K sampled answers, best to worst.
 
 A Serve application of its own, at /rank/ next to the chat page (`rlhf-ray compare-data` with
-labeler 'human' deploys it alone; `rlhf-ray serve` adds it when the run has candidates):
+labeler 'human' deploys it alone; `rlhf-ray serve` adds it when the run has candidates; its name and route: serve/deployment.py):
 
     GET  /rank/                    the page (serve/rank.html)
     GET  /rank/api/next?labeler=L  the prompt L should rank next, with progress
@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve as ray_serve
 
 from rlhf_ray.compare.store import AlreadyRanked, ComparisonStore, RankingError
-from serve.app import error, read_api_key
+from serve.protocol import error, read_api_key, refusal, validation_message
 
 PAGE = Path(__file__).with_name("rank.html")
 LABELER_ID = r"^[\w.@+-]{1,64}$"
@@ -50,12 +50,6 @@ class RankingPage:
         self.store = ComparisonStore(Path(folder), lease_s)
         self.api_key = read_api_key(api_key_env)
 
-    def refused(self, request: Request) -> JSONResponse | None:
-        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                         code="invalid_api_key")
-        return None
-
     async def run(self, fn: Any, *args: Any) -> Any:
         """A store call off the event loop; no candidates yet is a 404 that says so."""
         try:
@@ -69,11 +63,11 @@ class RankingPage:
 
     @rank_api.get("/api/progress")
     async def progress(self, request: Request, labeler: str | None = None) -> Any:
-        return self.refused(request) or await self.run(self.store.progress, labeler)
+        return refusal(self.api_key, request) or await self.run(self.store.progress, labeler)
 
     @rank_api.get("/api/next")
     async def next_prompt(self, request: Request, labeler: str = "") -> Any:
-        if (refused := self.refused(request)) is not None:
+        if (refused := refusal(self.api_key, request)) is not None:
             return refused
         if not re.fullmatch(LABELER_ID, labeler):
             return error(400, f"labeler: {labeler!r} is not a labeler id (1-64 letters, digits, "
@@ -90,14 +84,12 @@ class RankingPage:
 
     @rank_api.post("/api/rankings")
     async def submit(self, request: Request) -> Any:
-        if (refused := self.refused(request)) is not None:
+        if (refused := refusal(self.api_key, request)) is not None:
             return refused
         try:
             body = RankingBody.model_validate_json(await request.body())
         except ValidationError as e:
-            first = e.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
-            return error(400, f"{field}: {first['msg']}" if field else first["msg"])
+            return error(400, validation_message(e)[0])
         try:
             record = await self.run(self.store.submit, body.prompt_id, body.order, body.labeler,
                                     body.unacceptable)

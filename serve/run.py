@@ -1,7 +1,7 @@
 """Deploy the serve application on a Ray cluster (an embedded local one by default).
 
-It is deployed the way `serve deploy` does it, from a config: the app is built by
-`serve.app:app_builder` from the run folder, and each stage's folder is its deployment's
+It is deployed the way `serve deploy` does it, from a config: Serve builds the app once, by
+`serve.app:app_builder` (serve/deployment.py) from the run folder, and each stage's folder is its deployment's
 user_config. Deploying again with one stage's folder changed (or rewritten by a new export)
 changes only that deployment's user_config, which Serve applies in place: that stage's replicas
 load the new model next to the old one and drain the old one; nothing else restarts.
@@ -27,11 +27,10 @@ from rlhf_ray.cluster import ResourcesError, bundle, connect, describe, joins_cl
 from rlhf_ray.compare.store import ComparisonStore
 from rlhf_ray.config import RunConfig
 from rlhf_ray.plan import check_fits_here
-from rlhf_ray.run import RunFolder
-from serve.app import CHAT_STAGES, build_app, deployment_name, folder_config, read_api_key, stage_folders
-
-APP_NAME = "rlhf-ray"
-RANK_APP = "rlhf-ray-rank"
+from rlhf_ray.run import CHAT_MODELS, RunFolder
+from serve.app import check_servable, folder_config, stage_folders
+from serve.deployment import CHAT_APP, RANK_APP, deployment_name
+from serve.protocol import read_api_key
 
 
 def deploy_config(run_dir: Path, cfg: RunConfig, chat: bool = True) -> ServeDeploySchema:
@@ -41,7 +40,8 @@ def deploy_config(run_dir: Path, cfg: RunConfig, chat: bool = True) -> ServeDepl
     compare = RunFolder(Path(run_dir)).compare
     if ComparisonStore(compare).has_candidates():
         apps.append(ServeApplicationSchema(
-            name=RANK_APP, route_prefix="/rank", import_path="serve.rank:app_builder",
+            name=RANK_APP.name, route_prefix=RANK_APP.route_prefix,
+            import_path=RANK_APP.import_path,
             args={"folder": str(compare.resolve()),
                   "lease_s": cfg.compare.lease_s if cfg.compare else 600.0,
                   "api_key_env": cfg.serve.api_key_env},
@@ -61,7 +61,7 @@ def chat_app(run_dir: Path, cfg: RunConfig) -> ServeApplicationSchema:
     folders = stage_folders(run_dir, cfg.serve)
     settings = {k: v for k, v in cfg.serve.model_dump(mode="json").items() if k != "folders"}
     return ServeApplicationSchema(
-        name=APP_NAME, route_prefix="/", import_path="serve.app:app_builder",
+        name=CHAT_APP.name, route_prefix=CHAT_APP.route_prefix, import_path=CHAT_APP.import_path,
         args={"run": str(run_dir.resolve()), "stages": sorted(folders),
               "serve": settings},
         runtime_env=key_env(cfg),
@@ -75,7 +75,7 @@ def start(run_dir: Path, cfg: RunConfig, chat: bool = True) -> str:
     removed again, with the reason."""
     run_dir = Path(run_dir)
     if chat:
-        build_app(run_dir, cfg.serve)  # refuses a run without models, or without its key, here
+        folders = check_servable(run_dir, cfg.serve)  # a run without models, or its key: here
     else:
         read_api_key(cfg.serve.api_key_env)
     connect(cfg.cluster)
@@ -83,8 +83,7 @@ def start(run_dir: Path, cfg: RunConfig, chat: bool = True) -> str:
     if chat and not joins_cluster(cfg.cluster):
         if reason := why_unplaceable([replica]):
             raise ResourcesError(f"a serve replica asks for {describe(replica)}{reason}")
-        chat_folders = [f for st, f in stage_folders(run_dir, cfg.serve).items() if st in CHAT_STAGES]
-        check_fits_here(cfg, "serve", chat_folders[0])
+        check_fits_here(cfg, "serve", next(f for st, f in folders.items() if st in CHAT_MODELS))
     client = serve_start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     config = deploy_config(run_dir, cfg, chat)
     if not config.applications:

@@ -32,9 +32,9 @@ def test_the_wheel_installs_and_serves_both_pages_from_outside_the_repository(tm
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
                     str(wheel)], check=True, capture_output=True)
-    check = ("import rlhf_ray, serve.app, serve.rank\n"
+    check = ("import rlhf_ray, serve.ingress, serve.rank\n"
              "print(rlhf_ray.__file__)\n"
-             "assert '<html' in serve.app.PAGE.read_text().lower()\n"
+             "assert '<html' in serve.ingress.PAGE.read_text().lower()\n"
              "assert '<html' in serve.rank.PAGE.read_text().lower()\n")
     out = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, text=True, capture_output=True,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})

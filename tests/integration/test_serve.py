@@ -25,7 +25,8 @@ from rlhf_ray.config import load_config
 from rlhf_ray.data.records import Message
 from rlhf_ray.modeling import load_policy, load_scalar_model, save_model
 from rlhf_ray.tokenizer import load_tokenizer
-from serve.run import APP_NAME, start
+from serve.deployment import CHAT_APP, deployment_name
+from serve.run import start
 from tests.browser import new_page
 from tests.tiny import FACTS, memorise
 
@@ -313,7 +314,7 @@ def stream(url: str, body: dict, events: list | None = None) -> dict:
 
 
 def stage_stats(stage: str) -> dict:
-    return ray_serve.get_deployment_handle(f"stage-{stage}", app_name=APP_NAME).stats.remote().result()
+    return ray_serve.get_deployment_handle(deployment_name(stage), app_name=CHAT_APP.name).stats.remote().result()
 
 
 def test_overload_is_answered_503_at_once_and_the_accepted_requests_finish(url):

@@ -392,15 +392,10 @@ def test_the_rayservice_serves_the_run_the_gpu_config_writes(manifests, gpu_conf
     service = manifests["RayService"]["spec"]
     config = ServeDeploySchema.model_validate(yaml.safe_load(service["serveConfigV2"]))
     app, rank = config.applications
-    assert app.import_path == "serve.app:app_builder"
-    assert re.search(r"^def app_builder\(", (REPO / "serve" / "app.py").read_text(), re.M)
+    # Its apps' names and import paths: tests/unit/test_serve_config.py.
     run = f"{gpu_config['runs_dir']}/{gpu_config['name']}"
     assert app.args == {"run": run}
-    assert rank.import_path == "serve.rank:app_builder" and rank.args == {"folder": f"{run}/compare"}
-    # The same applications as serve/serve_config.yaml, Ray Serve's config for local use.
-    local = load_yaml(REPO / "serve" / "serve_config.yaml")["applications"]
-    remote = yaml.safe_load(service["serveConfigV2"])["applications"]
-    assert [(set(a), a["import_path"]) for a in remote] == [(set(a), a["import_path"]) for a in local]
+    assert rank.args == {"folder": f"{run}/compare"}
     # Reachable from the Service: on all interfaces, on the port the head exposes as `serve`.
     assert config.http_options.host == "0.0.0.0"
     head = ray_container(service["rayClusterConfig"]["headGroupSpec"]["template"])

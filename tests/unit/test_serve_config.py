@@ -1,5 +1,7 @@
-"""serve/serve_config.yaml is a valid Ray Serve config whose import path builds this run's app."""
+"""Ray Serve's configs for this project (serve/serve_config.yaml, deploy/rayservice.yaml, and the
+one `rlhf-ray serve` deploys) name the apps serve/deployment.py names, and build this run's app."""
 
+import importlib
 import os
 import shutil
 from pathlib import Path
@@ -10,17 +12,52 @@ from ray.serve.schema import ServeDeploySchema
 
 from rlhf_ray.compare.store import Candidate, ComparisonStore
 from rlhf_ray.config import load_config, save_config
-from serve.app import app_builder, stage_folders
+from serve.app import app_builder, check_servable, stage_folders
+from serve.deployment import CHAT_APP, RANK_APP
 from serve.run import deploy_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_the_serve_config_validates_against_rays_schema():
-    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "serve_config.yaml").read_text()))
-    app, rank = config.applications
-    assert app.import_path == "serve.app:app_builder" and app.args == {"run": "runs/demo"}
-    assert rank.import_path == "serve.rank:app_builder" and rank.route_prefix == "/rank"
+def rays_config(path: str) -> ServeDeploySchema:
+    config = yaml.safe_load((REPO / path).read_text())
+    if config.get("kind") == "RayService":
+        config = yaml.safe_load(config["spec"]["serveConfigV2"])
+    return ServeDeploySchema.model_validate(config)
+
+
+@pytest.mark.parametrize("path", ["serve/serve_config.yaml", "deploy/rayservice.yaml"])
+def test_rays_own_configs_name_the_apps_as_serve_deployment_does(path):
+    apps = rays_config(path).applications
+    assert [(a.name, a.route_prefix, a.import_path) for a in apps] == [
+        (a.name, a.route_prefix, a.import_path) for a in (CHAT_APP, RANK_APP)]
+    for app in apps:  # each import path is a function that exists
+        module, function = app.import_path.split(":")
+        assert callable(getattr(importlib.import_module(module), function))
+    assert apps[0].args["run"] + "/compare" == apps[1].args["folder"]
+
+
+def test_the_deploy_config_names_the_apps_as_serve_deployment_does(tmp_path, tiny_policy_dir):
+    cfg = load_config(REPO / "configs" / "test.yaml", [f"runs_dir={tmp_path}"])
+    shutil.copytree(tiny_policy_dir, cfg.run_dir / "sft")
+    ComparisonStore(cfg.run_dir / "compare").write_candidates(
+        [Candidate(id="p0", prompt=[{"role": "user", "content": "Hi?"}], responses=["a", "b"])])
+    apps = deploy_config(cfg.run_dir, cfg).applications
+    assert [(a.name, a.route_prefix, a.import_path) for a in apps] == [
+        (a.name, a.route_prefix, a.import_path) for a in (CHAT_APP, RANK_APP)]
+
+
+def test_a_run_is_checked_for_serving_without_building_the_app(tmp_path, tiny_policy_dir, monkeypatch):
+    cfg = load_config(REPO / "configs" / "test.yaml", [f"runs_dir={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="no stage model to serve"):
+        check_servable(cfg.run_dir, cfg.serve)
+    shutil.copytree(tiny_policy_dir, cfg.run_dir / "sft")
+    assert check_servable(cfg.run_dir, cfg.serve) == {"sft": cfg.run_dir / "sft"}
+    monkeypatch.delenv("RLHF_TEST_KEY", raising=False)
+    keyed = load_config(REPO / "configs" / "test.yaml", [f"runs_dir={tmp_path}",
+                                                           "serve.api_key_env=RLHF_TEST_KEY"])
+    with pytest.raises(ValueError, match="'RLHF_TEST_KEY', but that environment variable is not set"):
+        check_servable(keyed.run_dir, keyed.serve)
 
 
 def test_the_ranking_page_is_deployed_when_the_run_has_comparisons_to_rank(tmp_path, tiny_policy_dir):
@@ -94,3 +131,10 @@ def test_only_a_moved_or_rewritten_stage_gets_a_new_user_config(tmp_path, tiny_p
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
     rewritten = user_configs(run)
     assert {d for d in first if rewritten[d] != first[d]} == {"stage-sft"}
+
+
+def test_rays_serve_is_imported_under_an_alias_beside_our_serve_package():
+    """`from ray import serve` inside the package `serve` would shadow one with the other."""
+    for path in [*(REPO / "serve").glob("*.py"), *(REPO / "tests").rglob("*.py"), *(REPO / "rlhf_ray").rglob("*.py")]:
+        lines = path.read_text().splitlines()
+        assert "from ray import serve" not in lines and "import ray.serve" not in lines, path

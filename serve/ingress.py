@@ -1,0 +1,217 @@
+"""The chat app's ingress: OpenAI's routes, each request checked, then relayed by its `model`
+field to that stage's deployment (serve/deployments.py).
+
+    GET  /v1/models             the stages this run has (base, sft, rlhf), and the reward model
+    POST /v1/chat/completions   chat; SSE `chat.completion.chunk`s ending in `data: [DONE]` when
+                                stream is true
+    POST /v1/completions        plain text continuation (the base model's natural interface)
+    POST /v1/score              the reward model's score of a conversation, or of candidate replies
+    GET  /                      the chat page (serve/page.html)
+    GET  /health, /ready
+
+Every bad request gets OpenAI's error JSON with a 4xx code; nothing a client sends can take a
+replica down.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve as ray_serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from rlhf_ray.run import REWARD_MODEL
+from serve.protocol import (
+    Body,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Delta,
+    SamplingFields,
+    ScoreRequest,
+    error,
+    error_body,
+    merge,
+    new_id,
+    now,
+    read_api_key,
+    refusal,
+    validation_message,
+)
+
+PAGE = Path(__file__).with_name("page.html")
+
+api = FastAPI(title="rlhf-ray", docs_url=None, redoc_url=None)
+
+
+async def replies(first: list[Delta], rest: Any) -> AsyncIterator[Delta]:
+    """The stage's stream of batches as deltas, each batch joined per choice."""
+    for delta in merge(first):
+        yield delta
+    async for batch in rest:
+        for delta in merge(batch):
+            yield delta
+
+
+# Ingress is pickled as it is defined (ray_serve.ingress wraps it), so what it uses is defined above.
+@ray_serve.deployment
+@ray_serve.ingress(api)
+class Ingress:
+    def __init__(self, stages: dict[str, DeploymentHandle], reward: DeploymentHandle | None,
+                 api_key_env: str | None, max_body_bytes: int) -> None:
+        self.stages, self.reward = stages, reward
+        self.api_key = read_api_key(api_key_env)
+        self.max_body_bytes = max_body_bytes
+
+    async def parse(self, request: Request, kind: type[Body], models: list[str]) -> Any:
+        """The validated body, or the error response that answers it."""
+        if (refused := refusal(self.api_key, request)) is not None:
+            return refused
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return error(413, f"the body is {declared} bytes; the limit is {self.max_body_bytes}")
+        raw = await request.body()
+        if len(raw) > self.max_body_bytes:
+            return error(413, f"the body is {len(raw)} bytes; the limit is {self.max_body_bytes}")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return error(400, f"the body is not valid JSON: {e}")
+        try:
+            parsed = kind.model_validate(body)
+        except ValidationError as e:
+            message, param = validation_message(e)
+            return error(400, message, param=param)
+        if parsed.model not in models:
+            return error(404, f"model {parsed.model!r} does not exist here; this route serves "
+                         f"{models}", param="model", code="model_not_found")
+        return parsed
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Any:
+        if (refused := refusal(self.api_key, request)) is not None:
+            return refused
+        ids = list(self.stages) + ([REWARD_MODEL] if self.reward is not None else [])
+        return {"object": "list", "data": [
+            {"id": model, "object": "model", "created": now(), "owned_by": "rlhf-ray"}
+            for model in ids]}
+
+    @api.post("/v1/score")
+    async def score(self, request: Request) -> Any:
+        parsed = await self.parse(request, ScoreRequest, [REWARD_MODEL] if self.reward else [])
+        if isinstance(parsed, JSONResponse):
+            return parsed
+        messages = [m.model_dump(include={"role", "content"}) for m in parsed.messages]
+        if parsed.candidates is None:
+            if messages[-1]["role"] != "assistant":
+                return error(400, "the last message must be the assistant's reply to score (or "
+                             "send candidates)", param="messages")
+            conversations = [messages]
+        else:
+            if messages[-1]["role"] == "assistant":
+                return error(400, "with candidates, the last message must be the user's",
+                             param="messages")
+            conversations = [messages + [{"role": "assistant", "content": c}]
+                             for c in parsed.candidates]
+        scores = await self.reward.score.remote(conversations)
+        if isinstance(scores, dict):
+            return error(400, scores["error"], param=scores["param"])
+        ranking = sorted(range(len(scores)), key=lambda i: -scores[i])
+        return {"object": "score", "model": REWARD_MODEL, "scores": scores, "ranking": ranking}
+
+    @api.get("/", response_class=HTMLResponse)
+    async def page(self) -> str:
+        """The chat page: pick a stage and chat, or compare base/sft/rlhf with the RM's scores."""
+        return PAGE.read_text(encoding="utf-8")
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/ready")
+    async def ready(self) -> dict:
+        return {"status": "ready",
+                "models": sorted(self.stages) + ([REWARD_MODEL] if self.reward is not None else [])}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        parsed = await self.parse(request, ChatCompletionRequest, list(self.stages))
+        return parsed if isinstance(parsed, JSONResponse) else await self.complete(parsed, chat=True)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        parsed = await self.parse(request, CompletionRequest, list(self.stages))
+        return parsed if isinstance(parsed, JSONResponse) else await self.complete(parsed, chat=False)
+
+    async def complete(self, request: SamplingFields, chat: bool) -> Any:
+        request_id = new_id("chatcmpl" if chat else "cmpl")
+        deltas = self.stages[request.model].options(stream=True).generate.remote(request, request_id)
+        try:
+            first = await deltas.__anext__()  # a request error arrives before any text
+        except BackPressureError:
+            return JSONResponse(
+                error_body(f"model {request.model!r} is overloaded: all its replicas are busy and "
+                           "its queue is full; retry shortly", "server_error", code="overloaded"),
+                status_code=503, headers={"Retry-After": "1"})
+        if isinstance(first, dict):
+            return error(400, first["error"], param=first["param"])
+        if request.stream:
+            return StreamingResponse(self.sse(first, deltas, request, request_id, chat),
+                                     media_type="text/event-stream")
+        texts, finish = [""] * request.n, [None] * request.n
+        counts, prompt_tokens = [0] * request.n, first[0].prompt_tokens
+        async for delta in replies(first, deltas):
+            texts[delta.index] += delta.text
+            finish[delta.index] = delta.finish_reason or finish[delta.index]
+            counts[delta.index] = delta.completion_tokens
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
+                 "total_tokens": prompt_tokens + sum(counts)}
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                        "finish_reason": finish[i], "logprobs": None} for i in range(request.n)]
+            kind = "chat.completion"
+        else:
+            choices = [{"index": i, "text": texts[i], "finish_reason": finish[i], "logprobs": None}
+                       for i in range(request.n)]
+            kind = "text_completion"
+        return {"id": request_id, "object": kind, "created": now(), "model": request.model,
+                "choices": choices, "usage": usage}
+
+    async def sse(self, first: list[Delta], deltas: Any, request: SamplingFields,
+                  request_id: str, chat: bool) -> AsyncIterator[str]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        created = now()
+
+        def event(choices: list[dict], usage: dict | None = None) -> str:
+            chunk = {"id": request_id, "object": kind, "created": created, "model": request.model,
+                     "choices": choices}
+            if usage is not None:
+                chunk["usage"] = usage
+            return f"data: {json.dumps(chunk)}\n\n"
+
+        if chat:  # OpenAI opens every choice with the role
+            yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
+                          "finish_reason": None} for i in range(request.n)])
+        counts, prompt_tokens = [0] * request.n, first[0].prompt_tokens
+        finished = False
+        try:
+            async for delta in replies(first, deltas):
+                counts[delta.index] = delta.completion_tokens
+                if delta.text or delta.finish_reason:
+                    body = ({"delta": {"content": delta.text}} if chat else {"text": delta.text})
+                    yield event([{"index": delta.index, **body,
+                                  "finish_reason": delta.finish_reason, "logprobs": None}])
+            finished = True
+        finally:
+            if not finished:  # the client went away: stop the engine's work on it
+                deltas.cancel()
+        if request.stream_options and request.stream_options.include_usage:
+            yield event([], {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
+                             "total_tokens": prompt_tokens + sum(counts)})
+        yield "data: [DONE]\n\n"
