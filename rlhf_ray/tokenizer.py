@@ -57,6 +57,8 @@ class ChatTokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
+    def token_bytes(self, token_id: int) -> bytes: ...
+    def is_special(self, token_id: int) -> bool: ...
     def encode_document(self, text: str) -> list[int]: ...
     def render_chat(self, messages: Sequence[Message]) -> tuple[list[int], list[int]]: ...
     def render_prompt(self, messages: Sequence[Message]) -> list[int]: ...
@@ -90,6 +92,12 @@ class BPETokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.encoding.decode(list(ids))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.encoding.decode_single_token_bytes(token_id)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id >= len(self.mergeable_ranks)
 
     def encode_document(self, text: str) -> list[int]:
         return [self.bos_id, *self.encode(text)]
@@ -198,6 +206,7 @@ class HFTokenizer:
         if not self.hf.chat_template:
             raise ValueError(f"{folder}: the tokenizer has no chat_template; SFT needs one")
         self.vocab_size = len(self.hf)
+        self.special = set(self.hf.all_special_ids) | set(self.hf.added_tokens_decoder)
         self.bos_id = self.hf.bos_token_id if self.hf.bos_token_id is not None else self.hf.eos_token_id
         self.pad_id = self.hf.pad_token_id if self.hf.pad_token_id is not None else self.hf.eos_token_id
         self.stop_ids = sorted({i for i in (self.hf.eos_token_id, self.bos_id) if i is not None}
@@ -210,15 +219,21 @@ class HFTokenizer:
         ids, mask = self.render_chat([Message(role="user", content="hi"),
                                       Message(role="assistant", content=reply)])
         turn, content = [i for i, m in zip(ids, mask) if m], self.encode(reply)
-        special = set(self.hf.all_special_ids) | set(self.hf.added_tokens_decoder)
         after = turn[len(content):] if turn[: len(content)] == content else []
-        return [i for i in after if i in special][:1]
+        return [i for i in after if i in self.special][:1]
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        # transformers spells a token as text; part of a character comes out as U+FFFD
+        return self.hf.decode([token_id]).encode("utf-8")
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self.special
 
     def encode_document(self, text: str) -> list[int]:
         return [self.bos_id, *self.encode(text)]

@@ -13,7 +13,7 @@ from typing import Any
 from ray import serve as ray_serve
 
 from rlhf_ray.config import KVCacheConfig
-from serve.protocol import SamplingFields
+from serve.protocol import DetokenizeRequest, SamplingFields, TokenizeRequest
 
 
 @ray_serve.deployment
@@ -108,6 +108,22 @@ class StageModel:
                 yield batch
         except RequestError as e:  # sent as a value: the ingress turns it into a 400
             yield {"error": str(e), "param": e.param}
+
+    def tokenize(self, request: TokenizeRequest) -> dict[str, Any]:
+        from serve.engine import RequestError
+
+        try:
+            return self.engine.tokenize(request)
+        except RequestError as e:
+            return {"error": str(e), "param": e.param}
+
+    def detokenize(self, request: DetokenizeRequest) -> dict[str, Any]:
+        from serve.engine import RequestError
+
+        try:
+            return self.engine.detokenize(request)
+        except RequestError as e:
+            return {"error": str(e), "param": e.param}
 
     def stats(self) -> dict[str, Any]:
         """This replica, the folder it serves, and its engine's running and aborted requests."""

@@ -4,8 +4,11 @@ field to that stage's deployment (serve/deployments.py).
     GET  /v1/models             the stages this run has (base, sft, rlhf), and the reward model
     POST /v1/chat/completions   chat; SSE `chat.completion.chunk`s ending in `data: [DONE]` when
                                 stream is true
-    POST /v1/completions        plain text continuation (the base model's natural interface)
+    POST /v1/completions        plain text continuation (the base model's natural interface), of
+                                one prompt or several, as text or token ids, with echo and logprobs
     POST /v1/score              the reward model's score of a conversation, or of candidate replies
+    POST /tokenize, /detokenize a stage's tokenizer, as vLLM's server has them
+    GET  /metrics               Prometheus metrics (serve/metrics.py)
     GET  /                      the chat page (serve/page.html)
     GET  /health, /ready
 
@@ -21,33 +24,67 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve as ray_serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from rlhf_ray.run import REWARD_MODEL
+import serve.metrics as serve_metrics
+from serve.metrics import RequestTimer
 from serve.protocol import (
     Body,
     ChatCompletionRequest,
     CompletionRequest,
-    Delta,
+    DetokenizeRequest,
     SamplingFields,
     ScoreRequest,
+    TokenizeRequest,
     error,
     error_body,
-    merge,
     new_id,
     now,
     read_api_key,
     refusal,
     validation_message,
 )
+from serve.replies import Choices, Delta, merge
 
 PAGE = Path(__file__).with_name("page.html")
 
 api = FastAPI(title="rlhf-ray", docs_url=None, redoc_url=None)
+
+
+class CountResponses:
+    """ASGI middleware counting each response by route and status (a plain ASGI wrapper, so
+    streams pass through untouched and a client's disconnect still reaches them)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        routes = {getattr(r, "path", None) for r in api.routes}
+        route = scope["path"] if scope["path"] in routes else "other"
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                serve_metrics.METRICS.http.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
+api.add_middleware(CountResponses)
+
+
+def overloaded(model: str) -> JSONResponse:
+    return JSONResponse(
+        error_body(f"model {model!r} is overloaded: all its replicas are busy and its queue is "
+                   "full; retry shortly", "server_error", code="overloaded"),
+        status_code=503, headers={"Retry-After": "1"})
 
 
 async def replies(first: list[Delta], rest: Any) -> AsyncIterator[Delta]:
@@ -107,7 +144,7 @@ class Ingress:
         parsed = await self.parse(request, ScoreRequest, [REWARD_MODEL] if self.reward else [])
         if isinstance(parsed, JSONResponse):
             return parsed
-        messages = [m.model_dump(include={"role", "content"}) for m in parsed.messages]
+        messages = [{"role": m.prompt_role, "content": m.content} for m in parsed.messages]
         if parsed.candidates is None:
             if messages[-1]["role"] != "assistant":
                 return error(400, "the last message must be the assistant's reply to score (or "
@@ -139,6 +176,32 @@ class Ingress:
         return {"status": "ready",
                 "models": sorted(self.stages) + ([REWARD_MODEL] if self.reward is not None else [])}
 
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> Any:
+        return await self.relay(request, TokenizeRequest, "tokenize")
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request) -> Any:
+        return await self.relay(request, DetokenizeRequest, "detokenize")
+
+    async def relay(self, request: Request, kind: type[Body], method: str) -> Any:
+        """A request a stage answers in one reply (its tokenizer's routes)."""
+        parsed = await self.parse(request, kind, list(self.stages))
+        if isinstance(parsed, JSONResponse):
+            return parsed
+        try:
+            reply = await getattr(self.stages[parsed.model], method).remote(parsed)
+        except BackPressureError:
+            return overloaded(parsed.model)
+        return error(400, reply["error"], param=reply["param"]) if "error" in reply else reply
+
+    @api.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        if (refused := refusal(self.api_key, request)) is not None:
+            return refused
+        content, media_type = serve_metrics.METRICS.render()
+        return Response(content, media_type=media_type)
+
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
         parsed = await self.parse(request, ChatCompletionRequest, list(self.stages))
@@ -151,67 +214,67 @@ class Ingress:
 
     async def complete(self, request: SamplingFields, chat: bool) -> Any:
         request_id = new_id("chatcmpl" if chat else "cmpl")
+        timer = RequestTimer(serve_metrics.METRICS, request.model)
         deltas = self.stages[request.model].options(stream=True).generate.remote(request, request_id)
         try:
             first = await deltas.__anext__()  # a request error arrives before any text
         except BackPressureError:
-            return JSONResponse(
-                error_body(f"model {request.model!r} is overloaded: all its replicas are busy and "
-                           "its queue is full; retry shortly", "server_error", code="overloaded"),
-                status_code=503, headers={"Retry-After": "1"})
+            timer.abandon()
+            return overloaded(request.model)
         if isinstance(first, dict):
+            timer.abandon()
             return error(400, first["error"], param=first["param"])
+        choices = Choices(request.n, chat, logprobs=request.top_logprobs_asked is not None)
         if request.stream:
-            return StreamingResponse(self.sse(first, deltas, request, request_id, chat),
+            return StreamingResponse(self.sse(first, deltas, request, request_id, choices, timer),
                                      media_type="text/event-stream")
-        texts, finish = [""] * request.n, [None] * request.n
-        counts, prompt_tokens = [0] * request.n, first[0].prompt_tokens
-        async for delta in replies(first, deltas):
-            texts[delta.index] += delta.text
-            finish[delta.index] = delta.finish_reason or finish[delta.index]
-            counts[delta.index] = delta.completion_tokens
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
-                 "total_tokens": prompt_tokens + sum(counts)}
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                        "finish_reason": finish[i], "logprobs": None} for i in range(request.n)]
-            kind = "chat.completion"
-        else:
-            choices = [{"index": i, "text": texts[i], "finish_reason": finish[i], "logprobs": None}
-                       for i in range(request.n)]
-            kind = "text_completion"
-        return {"id": request_id, "object": kind, "created": now(), "model": request.model,
-                "choices": choices, "usage": usage}
+        try:
+            async for delta in replies(first, deltas):
+                choices.add(delta)
+                if delta.text:
+                    timer.text()
+        except BaseException:
+            timer.abandon()
+            raise
+        usage = choices.usage()
+        timer.end(usage["prompt_tokens"], usage["completion_tokens"])
+        body = {"id": request_id, "object": "chat.completion" if chat else "text_completion",
+                "created": now(), "model": request.model, "choices": choices.whole(),
+                "usage": usage}
+        if request.service_tier is not None:
+            body["service_tier"] = "default"
+        return body
 
     async def sse(self, first: list[Delta], deltas: Any, request: SamplingFields,
-                  request_id: str, chat: bool) -> AsyncIterator[str]:
-        kind = "chat.completion.chunk" if chat else "text_completion"
+                  request_id: str, choices: Choices, timer: RequestTimer) -> AsyncIterator[str]:
+        kind = "chat.completion.chunk" if choices.chat else "text_completion"
         created = now()
 
-        def event(choices: list[dict], usage: dict | None = None) -> str:
+        def event(shown: list[dict], usage: dict | None = None) -> str:
             chunk = {"id": request_id, "object": kind, "created": created, "model": request.model,
-                     "choices": choices}
+                     "choices": shown}
             if usage is not None:
                 chunk["usage"] = usage
             return f"data: {json.dumps(chunk)}\n\n"
 
-        if chat:  # OpenAI opens every choice with the role
+        if choices.chat:  # OpenAI opens every choice with the role
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
-                          "finish_reason": None} for i in range(request.n)])
-        counts, prompt_tokens = [0] * request.n, first[0].prompt_tokens
+                          "logprobs": None, "finish_reason": None} for i in range(request.n)])
         finished = False
         try:
             async for delta in replies(first, deltas):
-                counts[delta.index] = delta.completion_tokens
-                if delta.text or delta.finish_reason:
-                    body = ({"delta": {"content": delta.text}} if chat else {"text": delta.text})
-                    yield event([{"index": delta.index, **body,
-                                  "finish_reason": delta.finish_reason, "logprobs": None}])
+                shown = choices.add(delta)
+                if shown is not None:
+                    if delta.text:
+                        timer.text()
+                    yield event([shown])
             finished = True
         finally:
             if not finished:  # the client went away: stop the engine's work on it
                 deltas.cancel()
+                timer.abandon()
+        usage = choices.usage()
+        timer.end(usage["prompt_tokens"], usage["completion_tokens"])
         if request.stream_options and request.stream_options.include_usage:
-            yield event([], {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
-                             "total_tokens": prompt_tokens + sum(counts)})
+            yield event([], usage)
         yield "data: [DONE]\n\n"

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from serve.engine import batched
-from serve.protocol import Delta, merge
+from serve.replies import Delta, merge
 
 
 async def deltas(texts: list[str], every_s: float, fail: bool = False, closed: list | None = None):

@@ -4,8 +4,6 @@ error JSON while the server keeps answering."""
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -14,77 +12,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
-import ray
 import torch
 from ray import serve as ray_serve
 
-from rlhf_ray.compare.store import Candidate, ComparisonStore
-from rlhf_ray.config import load_config
 from rlhf_ray.data.records import Message
 from rlhf_ray.modeling import load_policy, load_scalar_model, save_model
 from rlhf_ray.tokenizer import load_tokenizer
 from serve.deployment import CHAT_APP, deployment_name
 from serve.run import start
 from tests.browser import new_page
-from tests.tiny import FACTS, memorise
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-QUESTION = [{"role": "user", "content": "The capital of France is"}]
-KEY_ENV, KEY = "RLHF_RAY_TEST_API_KEY", "test-key-123"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def chat_model(policy_dir: Path, answer: str = "Paris."):
-    """The tiny policy, taught one exchange: "The capital of France is" -> `answer`."""
-    tokenizer = load_tokenizer(policy_dir)
-    ids, _ = tokenizer.render_chat([Message(**QUESTION[0]), Message(role="assistant", content=answer)])
-    model = load_policy(policy_dir)
-    memorise(model, torch.tensor([ids]), steps=40)
-    return model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(tiny_policy_dir, tiny_reward_dir, tmp_path_factory):
-    """The app serving a run with base, sft, rlhf and reward; yields (url, run config). Each stage
-    works on at most 2 requests and queues 2 more, so overload is easy to reach."""
-    os.environ[KEY_ENV] = KEY
-    cfg = load_config(REPO / "configs" / "test.yaml", [
-        f"runs_dir={tmp_path_factory.mktemp('serve')}", f"serve.port={free_port()}",
-        "serve.cpus_per_replica=0.25", f"serve.api_key_env={KEY_ENV}", "serve.max_body_bytes=8192",
-        "serve.max_ongoing_requests=2", "serve.max_queued_requests=2"])
-    shutil.copytree(tiny_policy_dir, cfg.run_dir / "base")
-    shutil.copytree(tiny_reward_dir, cfg.run_dir / "reward")
-    for stage in ("sft", "rlhf"):  # two chat stages, as a run has
-        save_model(chat_model(tiny_policy_dir), load_tokenizer(tiny_policy_dir), cfg.run_dir / stage)
-    ComparisonStore(cfg.run_dir / "compare").write_candidates([Candidate(  # answers to rank
-        id="p0", prompt=QUESTION, responses=["Paris.", "The capital of France is Paris."])])
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield start(cfg.run_dir, cfg), cfg
-    ray_serve.shutdown()
-    if started_here:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def url(served):
-    return served[0]
-
-
-@pytest.fixture(scope="module")
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+from tests.served import AUTH, KEY, QUESTION, REPO, chat_model
+from tests.tiny import FACTS
 
 
 def test_models_lists_the_stages_of_the_run(client):
@@ -135,10 +77,11 @@ def test_sampling_options_n_seed_and_stop(client):
 @pytest.mark.parametrize("body, status, param, message", [
     ({"model": "gpt-4", "messages": QUESTION}, 404, "model", "model 'gpt-4' does not exist"),
     ({"model": "sft", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role",
-     "Input should be 'system', 'user' or 'assistant'"),
+     "Input should be 'system', 'developer', 'user' or 'assistant'"),
     ({"model": "sft", "messages": QUESTION, "temperature": 3}, 400, "temperature", "less than or equal to 2"),
     ({"model": "sft", "messages": QUESTION, "n": 9}, 400, "n", "less than or equal to 8"),
-    ({"model": "sft", "messages": QUESTION, "logit_bias": {}}, 400, "logit_bias", "Extra inputs"),
+    ({"model": "sft", "messages": QUESTION, "temprature": 0}, 400, "temprature",
+     "not a field this server takes"),
     ({"model": "sft", "messages": []}, 400, "messages", "at least 1 item"),
     ({"model": "sft", "messages": [{"role": "user", "content": "Paris " * 400}]}, 400, "messages",
      "has a context of 512 tokens"),
