@@ -110,19 +110,18 @@ class StageModel:
             yield {"error": str(e), "param": e.param}
 
     def tokenize(self, request: TokenizeRequest) -> dict[str, Any]:
-        from serve.engine import RequestError
-
-        try:
-            return self.engine.tokenize(request)
-        except RequestError as e:
-            return {"error": str(e), "param": e.param}
+        return self.tokenizer_reply(self.engine.tokenize, request)
 
     def detokenize(self, request: DetokenizeRequest) -> dict[str, Any]:
+        return self.tokenizer_reply(self.engine.detokenize, request)
+
+    @staticmethod
+    def tokenizer_reply(route: Any, request: Any) -> dict[str, Any]:
         from serve.engine import RequestError
 
         try:
-            return self.engine.detokenize(request)
-        except RequestError as e:
+            return route(request)
+        except RequestError as e:  # sent as a value: the ingress turns it into a 400
             return {"error": str(e), "param": e.param}
 
     def stats(self) -> dict[str, Any]:

@@ -61,13 +61,13 @@ class CountResponses:
     streams pass through untouched and a client's disconnect still reaches them)."""
 
     def __init__(self, app: Any) -> None:
-        self.app = app
+        self.app = app  # built at the first request, when every route is defined
+        self.routes = {getattr(r, "path", None) for r in api.routes}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        routes = {getattr(r, "path", None) for r in api.routes}
-        route = scope["path"] if scope["path"] in routes else "other"
+        route = scope["path"] if scope["path"] in self.routes else "other"
 
         async def counted(message: dict) -> None:
             if message["type"] == "http.response.start":
