@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +39,9 @@ def ray_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def dashboard():
     """A head node and a worker node (2 CPUs each, the worker with a `second_node` resource)."""
+    # `ray stop` ends every Ray on the machine: a Ray this process still holds would take the
+    # test run down with it (its raylet dies and the driver exits), so that is refused first.
+    assert not ray.is_initialized(), "a Ray from an earlier test's fixture is still running here"
     ray_cli("stop", "--force")
     ray_cli("get-auth-token", "--generate")
     port, dashboard_port = free_port(), free_port()
