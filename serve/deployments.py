@@ -115,6 +115,9 @@ class StageModel:
     def detokenize(self, request: DetokenizeRequest) -> dict[str, Any]:
         return self.tokenizer_reply(self.engine.detokenize, request)
 
+    def tokenizer_info(self) -> dict[str, Any]:
+        return self.engine.tokenizer_info()
+
     @staticmethod
     def tokenizer_reply(route: Any, request: Any) -> dict[str, Any]:
         from serve.engine import RequestError

@@ -9,6 +9,7 @@ tokenizers would turn special-token text typed by a user into control tokens.
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -255,6 +256,18 @@ class StageEngine:
             ids = self.chat_ids(request.messages, request.add_generation_prompt)
         strs = [self.token_text(i, False)[0] for i in ids] if request.return_token_strs else None
         return {"count": len(ids), "max_model_len": self.max_len, "tokens": ids, "token_strs": strs}
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """GET /tokenizer_info's reply, as vLLM's server has it: the folder's tokenizer_config.json
+        (its special tokens as text, no file paths), its chat template and this engine's context."""
+        config = json.loads((self.folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        info = {key: value.get("content", value) if isinstance(value, dict) else value
+                for key, value in config.items()
+                if key not in ("added_tokens_decoder", "vocab_file", "merges_file")}
+        template = self.folder / "chat_template.jinja"  # where newer transformers write it
+        if "chat_template" not in info and template.exists():
+            info["chat_template"] = template.read_text(encoding="utf-8")
+        return {**info, "model_max_length": self.max_len}
 
     def detokenize(self, request: DetokenizeRequest) -> dict[str, str]:
         return {"prompt": self.tokenizer.decode(self.check_ids(request.tokens, "tokens"))}

@@ -7,7 +7,8 @@ field to that stage's deployment (serve/deployments.py).
     POST /v1/completions        plain text continuation (the base model's natural interface), of
                                 one prompt or several, as text or token ids, with echo and logprobs
     POST /v1/score              the reward model's score of a conversation, or of candidate replies
-    POST /tokenize, /detokenize a stage's tokenizer, as vLLM's server has them
+    POST /tokenize, /detokenize a stage's tokenizer, as vLLM's server has them (`model` optional)
+    GET  /tokenizer_info        its tokenizer_config.json and chat template (`?model=` optional)
     GET  /metrics               Prometheus metrics (serve/metrics.py)
     GET  /                      the chat page (serve/page.html)
     GET  /health, /ready
@@ -80,6 +81,11 @@ class CountResponses:
 api.add_middleware(CountResponses)
 
 
+def unknown_model(model: str | None, models: list[str]) -> JSONResponse:
+    return error(404, f"model {model!r} does not exist here; this route serves {models}",
+                 param="model", code="model_not_found")
+
+
 def overloaded(model: str) -> JSONResponse:
     return JSONResponse(
         error_body(f"model {model!r} is overloaded: all its replicas are busy and its queue is "
@@ -106,8 +112,10 @@ class Ingress:
         self.api_key = read_api_key(api_key_env)
         self.max_body_bytes = max_body_bytes
 
-    async def parse(self, request: Request, kind: type[Body], models: list[str]) -> Any:
-        """The validated body, or the error response that answers it."""
+    async def parse(self, request: Request, kind: type[Body], models: list[str],
+                    default: str | None = None) -> Any:
+        """The validated body, or the error response that answers it; `default` is the model of
+        a body that names none (the tokenizer routes')."""
         if (refused := refusal(self.api_key, request)) is not None:
             return refused
         declared = request.headers.get("content-length", "")
@@ -125,10 +133,8 @@ class Ingress:
         except ValidationError as e:
             message, param = validation_message(e)
             return error(400, message, param=param)
-        if parsed.model not in models:
-            return error(404, f"model {parsed.model!r} does not exist here; this route serves "
-                         f"{models}", param="model", code="model_not_found")
-        return parsed
+        parsed.model = parsed.model or default
+        return parsed if parsed.model in models else unknown_model(parsed.model, models)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Any:
@@ -184,9 +190,20 @@ class Ingress:
     async def detokenize(self, request: Request) -> Any:
         return await self.relay(request, DetokenizeRequest, "detokenize")
 
-    async def relay(self, request: Request, kind: type[Body], method: str) -> Any:
-        """A request a stage answers in one reply (its tokenizer's routes)."""
-        parsed = await self.parse(request, kind, list(self.stages))
+    @api.get("/tokenizer_info")
+    async def tokenizer_info(self, request: Request, model: str | None = None) -> Any:
+        if (refused := refusal(self.api_key, request)) is not None:
+            return refused
+        model = model or next(iter(self.stages))
+        if model not in self.stages:
+            return unknown_model(model, list(self.stages))
+        return await self.stages[model].tokenizer_info.remote()
+
+    async def relay(self, request: Request, kind: type[TokenizeRequest | DetokenizeRequest],
+                    method: str) -> Any:
+        """A request a stage answers in one reply (its tokenizer's routes); without a `model`,
+        the run's first stage answers (a run's stages share their tokenizer)."""
+        parsed = await self.parse(request, kind, list(self.stages), next(iter(self.stages)))
         if isinstance(parsed, JSONResponse):
             return parsed
         try:

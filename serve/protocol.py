@@ -284,11 +284,15 @@ class ScoreRequest(Body):
     candidates: list[str] | None = Field(None, min_length=1, max_length=16)
 
 
+RUN_TOKENIZER = ("A stage of the run; without it, the run's first stage: every stage of a run has "
+                 "the tokenizer its base was trained with, and vLLM's server (one model) takes none.")
+
+
 class TokenizeRequest(Body):
     """POST /tokenize, as vLLM's server has it: a text, or messages rendered as the chat route
     renders them."""
 
-    model: str
+    model: str | None = Field(None, description=RUN_TOKENIZER)
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = Field(True, description="With prompt: the document's start token, "
@@ -305,7 +309,7 @@ class TokenizeRequest(Body):
 
 
 class DetokenizeRequest(Body):
-    model: str
+    model: str | None = Field(None, description=RUN_TOKENIZER)
     tokens: list[TokenId]
 
 

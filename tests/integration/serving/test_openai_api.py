@@ -1,7 +1,7 @@
 """The OpenAI request surface, checked with the official `openai` client against the served tiny
 models: logprobs in both of OpenAI's shapes (and equal to the model's own log-softmax), echo of
 a prompt's log-likelihood, penalties and logit bias, JSON mode, several and token-id prompts,
-best_of, vLLM's extensions, /tokenize, /detokenize and /metrics."""
+best_of, vLLM's extensions, /tokenize, /detokenize, /tokenizer_info and /metrics."""
 
 import json
 import math
@@ -198,6 +198,19 @@ def test_tokenize_gives_the_ids_the_chat_route_feeds_the_model_and_detokenize_re
     outside = httpx.post(f"{url}/detokenize", headers=AUTH, timeout=60,
                          json={"model": "base", "tokens": [10**6]})
     assert outside.status_code == 400 and outside.json()["error"]["param"] == "tokens"
+
+
+def test_tokenizer_info_and_tokenize_without_a_model_answer_for_the_runs_tokenizer(url):
+    """As vLLM's server (one model) has them, so clients written for it (lm-eval's remote
+    tokenizer) work: the run's stages share one tokenizer."""
+    info = httpx.get(f"{url}/tokenizer_info", headers=AUTH, timeout=60).json()
+    assert info["bos_token"] == "<|endoftext|>" and info["model_max_length"] == 512
+    assert "{{ bos_token }}" in info["chat_template"] and info["eos_token"]
+    assert httpx.get(f"{url}/tokenizer_info?model=sft", headers=AUTH, timeout=60).json() == info
+    assert tokenize(url, prompt=FRANCE) == tokenize(url, model="base", prompt=FRANCE)
+    unknown = httpx.get(f"{url}/tokenizer_info?model=gpt-5", headers=AUTH, timeout=60)
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+    assert httpx.get(f"{url}/tokenizer_info", timeout=60).status_code == 401
 
 
 def sample(text: str, name: str, **labels: str) -> float:
