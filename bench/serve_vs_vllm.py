@@ -17,7 +17,8 @@ round. Ratios read "ours as a fraction of vLLM's", so >= 0.9 meets the target in
 throughput ours/vLLM, times vLLM/ours.
 
     .venv/bin/python bench/serve_vs_vllm.py [--concurrency 1 8 32] [--requests-per-client 6]
-                                            [--max-tokens 128]
+                                            [--max-tokens 128] [--repeats 3]
+                                            [--ours-env NAME=VALUE ...] [--ours-set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -58,21 +59,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_run(root: Path) -> Path:
+def make_run(root: Path, overrides: list[str]) -> Path:
     cfg = load_config(REPO / "configs" / "test.yaml", [
         f"runs_dir={root}", "name=run", "model.hidden_size=256", "model.num_layers=4",
         "model.num_heads=4", "model.num_kv_heads=4", "model.intermediate_size=768",
         "model.max_seq_len=512", "serve.stages=[sft]",
-        "serve.cpus_per_replica=1", "serve.max_ongoing_requests=64", "serve.max_queued_requests=-1"])
+        "serve.cpus_per_replica=1", "serve.max_ongoing_requests=64", "serve.max_queued_requests=-1", *overrides])
     make_model_and_prompts(cfg, num_prompts=1)
     save_config(cfg, RunFolder(cfg.run_dir).config)
     return cfg.run_dir
 
 
-def start_ours(run: Path, port: int) -> subprocess.Popen:
+def start_ours(run: Path, port: int, extra_env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "rlhf_ray.cli", "serve", "--run", str(run), "--port", str(port)],
-        env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**ENV, **extra_env}, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
 
 
@@ -185,6 +186,12 @@ def measure(name: str, server: subprocess.Popen, url: str, args: argparse.Namesp
         stop(server)
 
 
+def median_round(rounds: list[dict[int, dict]]) -> dict[int, dict]:
+    """Each figure's median over the repeats."""
+    return {n: {key: statistics.median(r[n][key] for r in rounds) for key in rounds[0][n]}
+            for n in rounds[0]}
+
+
 def vllm_version() -> str:
     import vllm
 
@@ -196,21 +203,35 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests-per-client", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of each server, interleaved")
+    parser.add_argument("--ours-env", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="environment for our server only (e.g. a Serve setting to try)")
+    parser.add_argument("--ours-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="run config overrides for our server (e.g. serve.stream_interval_ms=100)")
     args = parser.parse_args()
+    extra_env = dict(item.split("=", 1) for item in args.ours_env)
 
     with tempfile.TemporaryDirectory() as tmp:
-        run = make_run(Path(tmp))
+        run = make_run(Path(tmp), args.ours_set)
         params = count_parameters(load_policy(RunFolder(run).model("sft")))
         print(f"model: {params / 1e6:.1f}M params; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.2f}",
               flush=True)
-        port = free_port()
-        ours = measure("ours", start_ours(run, port), f"http://127.0.0.1:{port}", args)
-        port = free_port()
-        theirs = measure("vllm", start_vllm(run, port), f"http://127.0.0.1:{port}", args)
+        rounds: dict[str, list] = {"ours": [], "vllm": []}
+        for repeat in range(args.repeats):  # interleaved, so a drift of the machine hits both
+            for name in ("ours", "vllm") if repeat % 2 == 0 else ("vllm", "ours"):
+                port = free_port()
+                server = (start_ours(run, port, extra_env) if name == "ours"
+                          else start_vllm(run, port))
+                rounds[name].append(measure(name, server, f"http://127.0.0.1:{port}", args))
+        ours, theirs = median_round(rounds["ours"]), median_round(rounds["vllm"])
+        spread = {n: [r[n]["throughput"] / t[n]["throughput"]
+                      for r, t in zip(rounds["ours"], rounds["vllm"])] for n in args.concurrency}
 
     print(f"\nserving, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"vllm {vllm_version()}, ray {version('ray')}; {args.requests_per_client} requests per "
-          f"client, max_tokens {args.max_tokens}, greedy; load at end {os.getloadavg()[0]:.2f}\n")
+          f"client, max_tokens {args.max_tokens}, greedy; medians of {args.repeats} interleaved "
+          f"repeats; load at end {os.getloadavg()[0]:.2f}; ours with {extra_env or 'defaults'} "
+          f"{' '.join(args.ours_set)}\n")
     print("| clients | tokens/req | throughput tok/s (ours / vLLM) | ratio | TTFT p50 ms | ratio "
           "| TTFT p99 ms | ratio | latency p50 ms | ratio | latency p99 ms | ratio |")
     print("|---:|---:|---|---:|---|---:|---|---:|---|---:|---|---:|")
@@ -220,6 +241,8 @@ def main() -> None:
         for key in ("ttft_p50", "ttft_p99", "latency_p50", "latency_p99"):
             cells += [f"{a[key] * 1e3:.0f} / {b[key] * 1e3:.0f}", f"{b[key] / a[key]:.2f}"]
         print(f"| {n} | {a['tokens']:.0f} / {b['tokens']:.0f} | " + " | ".join(cells) + " |")
+    print("\nthroughput ratio of each repeat: " + "; ".join(
+        f"N={n}: " + " ".join(f"{x:.2f}" for x in spread[n]) for n in args.concurrency))
 
 
 if __name__ == "__main__":
