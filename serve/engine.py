@@ -60,6 +60,20 @@ def structured_outputs(response_format: ResponseFormat | None) -> StructuredOutp
     return StructuredOutputsParams(json=response_format.json_schema.schema_)
 
 
+def tokenizer_info(folder: Path, max_len: int) -> dict[str, Any]:
+    """GET /tokenizer_info's reply, as vLLM's server has it: the folder's tokenizer_config.json
+    (special tokens as their text, no file paths), its chat template, and `max_len` (the context
+    the engine serves) as model_max_length."""
+    config_file, template = folder / "tokenizer_config.json", folder / "chat_template.jinja"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+    info = {key: value.get("content", value) if isinstance(value, dict) else value
+            for key, value in config.items()
+            if key not in ("added_tokens_decoder", "vocab_file", "merges_file")}
+    if "chat_template" not in info and template.exists():  # where newer transformers write it
+        info["chat_template"] = template.read_text(encoding="utf-8")
+    return {**info, "model_max_length": max_len}
+
+
 class StageEngine:
     def __init__(self, stage: str, folder: Path, sequences: int,
                  kv_cache: KVCacheConfig | None = None) -> None:
@@ -258,16 +272,7 @@ class StageEngine:
         return {"count": len(ids), "max_model_len": self.max_len, "tokens": ids, "token_strs": strs}
 
     def tokenizer_info(self) -> dict[str, Any]:
-        """GET /tokenizer_info's reply, as vLLM's server has it: the folder's tokenizer_config.json
-        (its special tokens as text, no file paths), its chat template and this engine's context."""
-        config = json.loads((self.folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-        info = {key: value.get("content", value) if isinstance(value, dict) else value
-                for key, value in config.items()
-                if key not in ("added_tokens_decoder", "vocab_file", "merges_file")}
-        template = self.folder / "chat_template.jinja"  # where newer transformers write it
-        if "chat_template" not in info and template.exists():
-            info["chat_template"] = template.read_text(encoding="utf-8")
-        return {**info, "model_max_length": self.max_len}
+        return tokenizer_info(self.folder, self.max_len)
 
     def detokenize(self, request: DetokenizeRequest) -> dict[str, str]:
         return {"prompt": self.tokenizer.decode(self.check_ids(request.tokens, "tokens"))}
