@@ -109,6 +109,8 @@ class Ingress:
     def __init__(self, stages: dict[str, DeploymentHandle], reward: DeploymentHandle | None,
                  api_key_env: str | None, max_body_bytes: int) -> None:
         self.stages, self.reward = stages, reward
+        # The tokenizer routes' model when a body names none: a run's stages share one tokenizer.
+        self.first_stage = next(iter(stages))
         self.api_key = read_api_key(api_key_env)
         self.max_body_bytes = max_body_bytes
 
@@ -194,7 +196,7 @@ class Ingress:
     async def tokenizer_info(self, request: Request, model: str | None = None) -> Any:
         if (refused := refusal(self.api_key, request)) is not None:
             return refused
-        model = model or next(iter(self.stages))
+        model = model or self.first_stage
         if model not in self.stages:
             return unknown_model(model, list(self.stages))
         return await self.stages[model].tokenizer_info.remote()
@@ -203,7 +205,7 @@ class Ingress:
                     method: str) -> Any:
         """A request a stage answers in one reply (its tokenizer's routes); without a `model`,
         the run's first stage answers (a run's stages share their tokenizer)."""
-        parsed = await self.parse(request, kind, list(self.stages), next(iter(self.stages)))
+        parsed = await self.parse(request, kind, list(self.stages), self.first_stage)
         if isinstance(parsed, JSONResponse):
             return parsed
         try:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rlhf_ray.modeling import load_policy
-from rlhf_ray.tokenizer import load_tokenizer
+from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer
 from tests.served import KEY
 
 pytestmark = pytest.mark.integration
@@ -45,17 +45,18 @@ def test_lm_eval_scores_the_base_model_over_the_completions_api(url, served, tmp
     assert results["capitals"]["acc,none"] == 1.0  # the model has the four capitals by heart
     assert results["capitals_gen"]["exact_match,strip"] == 1.0
     [samples_file] = tmp_path.rglob("samples_capitals_2*.jsonl")
+    tokenizer, model = load_tokenizer(base_folder), load_policy(base_folder).eval()
     for line in samples_file.read_text().splitlines():
         sample = json.loads(line)
         for args, [[served_logprob, _]] in zip(sample["arguments"].values(), sample["resps"]):
-            reference = continuation_logprob(base_folder, args["arg_0"], args["arg_1"])
+            reference = continuation_logprob(tokenizer, model, args["arg_0"], args["arg_1"])
             assert float(served_logprob) == pytest.approx(reference, abs=0.02), args
 
 
-def continuation_logprob(folder: Path, context: str, continuation: str) -> float:
+def continuation_logprob(tokenizer: ChatTokenizer, model: torch.nn.Module, context: str,
+                         continuation: str) -> float:
     """log p(continuation | context) by a transformers forward pass, tokenized as lm-eval does:
     the whole text, split where the context's own tokens end; no BOS (its tokenizer adds none)."""
-    tokenizer, model = load_tokenizer(folder), load_policy(folder).eval()
     ids, start = tokenizer.encode(context + continuation), len(tokenizer.encode(context))
     with torch.no_grad():
         logprobs = model(input_ids=torch.tensor([ids])).logits.log_softmax(-1)[0]
