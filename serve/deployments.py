@@ -71,19 +71,28 @@ class StageModel:
         self.reloads = 0
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
-        from serve.engine import StageEngine  # vLLM is imported in the replica only
-
         key = (config["folder"], config.get("state"))
         if key == self.folder_key:
             return
-        new = await asyncio.to_thread(StageEngine, self.stage, Path(config["folder"]),
-                                      self.sequences, self.kv_cache)
+        new = await asyncio.to_thread(self.start_engine, Path(config["folder"]))
         old, self.engine, self.folder_key = self.engine, new, key
         if old is not None:
             self.reloads += 1
             task = asyncio.create_task(self.retire(old))
             self.draining.add(task)
             task.add_done_callback(self.draining.discard)
+
+    def start_engine(self, folder: Path) -> Any:
+        """A vLLM engine on `folder`, its workers on cores that the node's other Ray and Serve
+        processes then leave to them (serve/cpus.py)."""
+        from serve.cpus import all_node_cores, keep_off_worker_cores, worker_cores
+        from serve.engine import StageEngine  # vLLM is imported in the replica only
+
+        with all_node_cores():
+            engine = StageEngine(self.stage, folder, self.sequences, self.kv_cache)
+            busy = worker_cores(engine.engine.vllm_config)
+        keep_off_worker_cores(busy)
+        return engine
 
     async def retire(self, old: Any) -> None:
         """Shut an engine down once its in-flight requests are done (or after drain_s)."""

@@ -19,6 +19,7 @@ from ray import serve as ray_serve
 from rlhf_ray.data.records import Message
 from rlhf_ray.modeling import load_policy, load_scalar_model, save_model
 from rlhf_ray.tokenizer import load_tokenizer
+from serve.cpus import OFF_WORKER_CORES
 from serve.deployment import CHAT_APP, deployment_name
 from serve.run import start
 from tests.browser import new_page
@@ -299,6 +300,7 @@ def test_pointing_a_stage_at_a_new_folder_reloads_it_in_place_without_dropping_r
     new_answer = greedy_reply(berlin, QUESTION, max_tokens=8)
     assert new_answer != "Paris."
     replicas = {stage: stage_stats(stage)["replica"] for stage in ("base", "sft", "rlhf")}
+    workers_cores = cores_of("VLLM::Worker")
     long_body = long_completion(url, "rlhf", max_tokens=200)
     long_events: list[float] = []
     replies: list[tuple[float, int, str]] = []  # (sent at, status, reply) of a steady stream of chats
@@ -336,6 +338,34 @@ def test_pointing_a_stage_at_a_new_folder_reloads_it_in_place_without_dropping_r
     stats = stage_stats("rlhf")
     assert stats["folder"] == str(berlin.resolve()) and stats["reloads"] == 1
     assert {stage: stage_stats(stage)["replica"] for stage in replicas} == replicas  # not restarted
+    # the new engine started on every core (vLLM bound its worker as before), then left them
+    assert cores_of("VLLM::Worker") == workers_cores
+    assert not cores_of(*OFF_WORKER_CORES) & workers_cores
+
+
+def test_on_a_cpu_the_engine_workers_have_their_cores_to_themselves(served):
+    """vLLM binds each worker to cores and leaves the rest to everything else; Serve's proxy,
+    controller and replicas, and the engines' schedulers, stay off the workers' cores."""
+    workers, others = cores_of("VLLM::Worker"), cores_of(*OFF_WORKER_CORES)
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: vLLM leaves none over")
+    assert workers and others and not workers & others, (workers, others)
+    assert workers | others <= os.sched_getaffinity(0)
+
+
+def cores_of(*titles: str) -> set[int]:
+    """The cores any thread of this machine's processes with these titles may run on."""
+    import psutil
+
+    cores: set[int] = set()
+    for process in psutil.process_iter(["name"]):
+        if (process.info["name"] or "").startswith(titles):
+            try:
+                for thread in os.listdir(f"/proc/{process.pid}/task"):
+                    cores |= os.sched_getaffinity(int(thread))
+            except OSError:
+                pass
+    return cores
 
 
 

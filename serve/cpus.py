@@ -1,0 +1,91 @@
+"""Cores of their own for the vLLM workers of a CPU node.
+
+On a CPU, vLLM binds each engine worker's threads to cores of its NUMA node and leaves the rest
+("reserved") to everything else: the engine's scheduler process and the server in front of it
+(vllm/utils/ompmultiprocessing.py). Behind Serve there is more of everything else (the HTTP
+proxy, the controller, the replicas, Ray's GCS and dashboard), and left to float, those processes
+land on the workers' cores and preempt the one thread that computes each token. On 2 cores that
+cost 15% of the tokens per second at one streaming client and 35% at eight (bench/RESULTS.md).
+
+So once a stage's engine is up, its replica moves Serve's processes on its node (its own, the
+proxy's, the controller's, the other replicas') and the engines' scheduler processes to the
+cores no worker is bound to. Other actors (a PPO trainer, say) keep the cores they were given, and
+the raylet keeps all of them, since every process it starts inherits its cores.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+# The node's processes (the raylet's descendants) kept off the workers' cores: Serve's actors,
+# Ray's agents and vLLM's scheduler processes, by their titles as `ps` shows them.
+OFF_WORKER_CORES = ("ray::ServeController", "ray::ProxyActor", "ray::ServeReplica",
+                    "VLLM::EngineCore", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def worker_cores(vllm_config: Any) -> set[int]:
+    """The cores vLLM binds this engine's workers to (as its executor computed them from the
+    cores the calling thread may use); empty where it binds none (a GPU, or
+    VLLM_CPU_OMP_THREADS_BIND=nobind)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return set()
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    manager = OMPProcessManager(vllm_config)
+    return set() if manager.skip_setup else {cpu for cpus in manager.cpu_lists for cpu in cpus}
+
+
+def to_move(processes: Iterable[tuple[int, str]]) -> list[int]:
+    """Of the node's processes as (pid, title), those to keep off the workers' cores."""
+    return [pid for pid, title in processes if title.startswith(OFF_WORKER_CORES)]
+
+
+def node_cores() -> set[int]:
+    """Every core this process's node lets Ray use: the raylet's (each Ray worker's parent),
+    which nothing here ever moves."""
+    try:
+        return os.sched_getaffinity(os.getppid())
+    except OSError:
+        return os.sched_getaffinity(0)
+
+
+@contextmanager
+def all_node_cores() -> Iterator[None]:
+    """Run the block (an engine starting) on every core of the node: the engine's processes
+    inherit the calling thread's cores, and vLLM binds its workers among those."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, node_cores())
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def keep_off_worker_cores(busy: set[int]) -> int:
+    """Move the processes of `to_move` (every thread of each) to the node's cores outside `busy`;
+    returns how many processes moved. Nothing moves when no core is left over."""
+    import psutil
+
+    free = node_cores() - busy
+    if not busy or not free:
+        return 0
+    titles = []
+    for process in psutil.Process(os.getppid()).children(recursive=True):  # the raylet's
+        try:
+            titles.append((process.pid, process.name()))
+        except psutil.Error:
+            pass
+    moved = 0
+    for pid in to_move(titles):
+        try:
+            for thread in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(thread), free)
+            moved += 1
+        except (OSError, ValueError):  # gone meanwhile, or not ours to move
+            pass
+    return moved

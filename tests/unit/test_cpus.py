@@ -1,0 +1,34 @@
+"""Which processes leave the vLLM workers' cores to them (serve/cpus.py)."""
+
+import os
+
+import pytest
+
+from serve.cpus import all_node_cores, keep_off_worker_cores, to_move
+
+
+def test_serves_processes_and_the_engines_schedulers_move_but_workers_and_other_actors_stay():
+    node = [(1, "ray::ServeController"), (2, "ray::ProxyActor"),
+            (3, "ray::ServeReplica:rlhf-ray:Ingress"), (4, "ray::ServeReplica:rlhf-ray:stage-sft"),
+            (5, "VLLM::EngineCore"), (6, "VLLM::Worker"), (7, "VLLM::Worker_TP0"),
+            (8, "ray::PolicyWorker.train"), (9, "ray::IDLE"), (10, "ray::DashboardAgent"),
+            (11, "ray::RuntimeEnvAgent"), (12, "python")]
+    assert to_move(node) == [1, 2, 3, 4, 5, 10, 11]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_an_engine_starts_on_every_core_and_the_thread_gets_its_cores_back():
+    every = os.sched_getaffinity(0)
+    one = {min(every)}
+    os.sched_setaffinity(0, one)
+    try:
+        with all_node_cores():
+            assert os.sched_getaffinity(0) == every  # pytest's parent lets it use them all
+        assert os.sched_getaffinity(0) == one
+    finally:
+        os.sched_setaffinity(0, every)
+
+
+def test_nothing_moves_without_bound_workers_or_without_a_core_left_over():
+    assert keep_off_worker_cores(set()) == 0
+    assert keep_off_worker_cores(set(os.sched_getaffinity(os.getppid()))) == 0
