@@ -9,8 +9,9 @@ cost 15% of the tokens per second at one streaming client and 35% at eight (benc
 
 So once a stage's engine is up, its replica moves Serve's processes on its node (its own, the
 proxy's, the controller's, the other replicas') and the engines' scheduler processes to the
-cores no worker is bound to. Other actors (a PPO trainer, say) keep the cores they were given, and
-the raylet keeps all of them, since every process it starts inherits its cores.
+cores no worker is bound to. The reward model's replica, which computes there with torch, and
+other actors (a PPO trainer, say) keep the cores they were given; the raylet keeps all of them,
+since every process it starts inherits its cores.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from rlhf_ray.run import REWARD_MODEL
+from serve.deployment import deployment_name
 
 # The node's processes (the raylet's descendants) kept off the workers' cores: Serve's actors,
 # Ray's agents and vLLM's scheduler processes, by their titles as `ps` shows them.
@@ -40,9 +44,21 @@ def worker_cores(vllm_config: Any) -> set[int]:
     return set() if manager.skip_setup else {cpu for cpus in manager.cpu_lists for cpu in cpus}
 
 
+# Replicas that compute with torch threads of their own keep the cores Ray gave them.
+COMPUTES_HERE = (deployment_name(REWARD_MODEL),)
+
+
 def to_move(processes: Iterable[tuple[int, str]]) -> list[int]:
-    """Of the node's processes as (pid, title), those to keep off the workers' cores."""
-    return [pid for pid, title in processes if title.startswith(OFF_WORKER_CORES)]
+    """Of the node's processes as (pid, title), those to keep off the workers' cores. A replica's
+    title is `ray::ServeReplica:<app>:<deployment>[.<method>]`."""
+    return [pid for pid, title in processes
+            if title.startswith(OFF_WORKER_CORES) and replica_of(title) not in COMPUTES_HERE]
+
+
+def replica_of(title: str) -> str | None:
+    """The deployment a Serve replica's process title names (None for other processes)."""
+    app, _, deployment = title.removeprefix("ray::ServeReplica:").partition(":")
+    return deployment.split(".")[0] if title.startswith("ray::ServeReplica:") and app else None
 
 
 def node_cores() -> set[int]:

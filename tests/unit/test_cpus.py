@@ -12,8 +12,10 @@ def test_serves_processes_and_the_engines_schedulers_move_but_workers_and_other_
             (3, "ray::ServeReplica:rlhf-ray:Ingress"), (4, "ray::ServeReplica:rlhf-ray:stage-sft"),
             (5, "VLLM::EngineCore"), (6, "VLLM::Worker"), (7, "VLLM::Worker_TP0"),
             (8, "ray::PolicyWorker.train"), (9, "ray::IDLE"), (10, "ray::DashboardAgent"),
-            (11, "ray::RuntimeEnvAgent"), (12, "python")]
-    assert to_move(node) == [1, 2, 3, 4, 5, 10, 11]
+            (11, "ray::RuntimeEnvAgent"), (12, "python"),
+            (13, "ray::ServeReplica:rlhf-ray:reward"), (14, "ray::ServeReplica:rlhf-ray:reward.score"),
+            (15, "ray::ServeReplica:rlhf-ray:Ingress.handle_request")]
+    assert to_move(node) == [1, 2, 3, 4, 5, 10, 11, 15]  # the reward model computes on its cores
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")

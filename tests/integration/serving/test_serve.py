@@ -19,7 +19,7 @@ from ray import serve as ray_serve
 from rlhf_ray.data.records import Message
 from rlhf_ray.modeling import load_policy, load_scalar_model, save_model
 from rlhf_ray.tokenizer import load_tokenizer
-from serve.cpus import OFF_WORKER_CORES
+from serve.cpus import to_move
 from serve.deployment import CHAT_APP, deployment_name
 from serve.run import start
 from tests.browser import new_page
@@ -340,31 +340,35 @@ def test_pointing_a_stage_at_a_new_folder_reloads_it_in_place_without_dropping_r
     assert {stage: stage_stats(stage)["replica"] for stage in replicas} == replicas  # not restarted
     # the new engine started on every core (vLLM bound its worker as before), then left them
     assert cores_of("VLLM::Worker") == workers_cores
-    assert not cores_of(*OFF_WORKER_CORES) & workers_cores
+    assert not cores_of(moved=True) & workers_cores
 
 
 def test_on_a_cpu_the_engine_workers_have_their_cores_to_themselves(served):
     """vLLM binds each worker to cores and leaves the rest to everything else; Serve's proxy,
-    controller and replicas, and the engines' schedulers, stay off the workers' cores."""
-    workers, others = cores_of("VLLM::Worker"), cores_of(*OFF_WORKER_CORES)
+    controller and replicas, and the engines' schedulers, stay off the workers' cores; the reward
+    model, which computes in its replica, keeps every core."""
+    workers, others = cores_of("VLLM::Worker"), cores_of(moved=True)
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one core: vLLM leaves none over")
     assert workers and others and not workers & others, (workers, others)
     assert workers | others <= os.sched_getaffinity(0)
+    assert cores_of("ray::ServeReplica:rlhf-ray:reward") == os.sched_getaffinity(0)
 
 
-def cores_of(*titles: str) -> set[int]:
-    """The cores any thread of this machine's processes with these titles may run on."""
+def cores_of(*titles: str, moved: bool = False) -> set[int]:
+    """The cores any thread of this machine's processes with these titles (or, `moved`, those
+    serve.cpus keeps off the workers' cores) may run on."""
     import psutil
 
+    processes = [(p.pid, p.info["name"] or "") for p in psutil.process_iter(["name"])]
+    chosen = set(to_move(processes)) if moved else {pid for pid, t in processes if t.startswith(titles)}
     cores: set[int] = set()
-    for process in psutil.process_iter(["name"]):
-        if (process.info["name"] or "").startswith(titles):
-            try:
-                for thread in os.listdir(f"/proc/{process.pid}/task"):
-                    cores |= os.sched_getaffinity(int(thread))
-            except OSError:
-                pass
+    for pid in chosen:
+        try:
+            for thread in os.listdir(f"/proc/{pid}/task"):
+                cores |= os.sched_getaffinity(int(thread))
+        except OSError:  # gone meanwhile
+            pass
     return cores
 
 
