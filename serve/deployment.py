@@ -1,5 +1,6 @@
 """What the served applications are called: their names, routes and import paths, and the names
-of their deployments. serve/serve_config.yaml and deploy/rayservice.yaml spell the same names for
+of their deployments: the chat app (the router and the reward model), one app per chat stage,
+and the ranking page. serve/serve_config.yaml and deploy/rayservice.yaml spell the same names for
 Ray's own tools; tests/unit/test_serve_config.py holds both to this module."""
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ class App:
 
 CHAT_APP = App("rlhf-ray", "/", "serve.app:app_builder")
 RANK_APP = App("rlhf-ray-rank", "/rank", "serve.rank:app_builder")
-INGRESS = "Ingress"  # the chat app's ingress deployment
+ROUTER = "Router"  # the chat app's ingress deployment
+
+
+def stage_app(stage: str) -> App:
+    """A chat stage's own app: its deployment is the ingress, at /<stage> (/sft/v1/...)."""
+    return App(f"rlhf-ray-{stage}", f"/{stage}", "serve.app:stage_app_builder")
 
 
 def deployment_name(model: str) -> str:

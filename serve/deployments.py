@@ -1,6 +1,7 @@
-"""The deployments behind the ingress: one per chat stage (its replicas each run a vLLM engine,
-serve/engine.py) and one for the reward model. Each takes its model folder from its user_config,
-so pointing it at another folder swaps the model in place."""
+"""The models' deployments: one per chat stage (its replicas each run a vLLM engine,
+serve/engine.py), which is also the ingress of that stage's own app, and one for the reward
+model. Each takes its model folder from its user_config, so pointing it at another folder swaps
+the model in place."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 from ray import serve as ray_serve
 
 from rlhf_ray.config import KVCacheConfig
+from serve.ingress import Batches, OpenAIServer, openai_api
 from serve.protocol import DetokenizeRequest, SamplingFields, TokenizeRequest
 
 
@@ -51,9 +53,30 @@ class RewardModel:
             return {"error": str(e), "param": "messages"}
 
 
+class InProcess:
+    """A generation streamed in this process, as a streaming handle's reply would come."""
+
+    def __init__(self, batches: AsyncIterator[Any]) -> None:
+        self.batches = batches
+        self.closing: asyncio.Task | None = None
+
+    def __aiter__(self) -> InProcess:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self.batches.__anext__()
+
+    def cancel(self) -> None:
+        self.closing = asyncio.get_running_loop().create_task(self.batches.aclose())
+
+
+# StageModel is pickled as it is defined (ray_serve.ingress wraps it), so what it uses is above.
 @ray_serve.deployment
-class StageModel:
-    """One stage's vLLM engine; `generate` streams lists of `Delta`s (serve.engine.batched).
+@ray_serve.ingress(openai_api())
+class StageModel(OpenAIServer):
+    """One stage's vLLM engine. The router streams from `generate` (lists of `Delta`s,
+    serve.engine.batched); as the ingress of the stage's own app it answers the OpenAI routes
+    for its model in this process, with no hop between the HTTP proxy and the engine.
 
     The folder comes in the user_config. Pointing the deployment at another folder (or the same
     folder rewritten) loads a second engine next to the first; new requests go to the new one,
@@ -61,7 +84,8 @@ class StageModel:
     """
 
     def __init__(self, stage: str, sequences: int, kv_cache: dict[str, Any], drain_s: float,
-                 stream_interval_s: float) -> None:
+                 stream_interval_s: float, api_key_env: str | None, max_body_bytes: int) -> None:
+        self.serve_models([stage], None, api_key_env, max_body_bytes)
         self.stage, self.sequences, self.drain_s = stage, sequences, drain_s
         self.kv_cache = KVCacheConfig.model_validate(kv_cache)
         self.stream_interval_s = stream_interval_s
@@ -108,6 +132,12 @@ class StageModel:
         if getattr(self, "engine", None) is not None:
             self.engine.shutdown()
 
+    def stream(self, model: str, request: SamplingFields, request_id: str) -> Batches:
+        return InProcess(self.generate(request, request_id))
+
+    async def ask(self, model: str, method: str, *args: Any) -> Any:
+        return getattr(self, method)(*args)
+
     async def generate(self, request: SamplingFields, request_id: str) -> AsyncIterator[Any]:
         from serve.engine import RequestError, batched
 
@@ -118,13 +148,14 @@ class StageModel:
         except RequestError as e:  # sent as a value: the ingress turns it into a 400
             yield {"error": str(e), "param": e.param}
 
-    def tokenize(self, request: TokenizeRequest) -> dict[str, Any]:
+    # The tokenizer routes' replies (named apart from the routes, which OpenAIServer answers).
+    def tokenized(self, request: TokenizeRequest) -> dict[str, Any]:
         return self.tokenizer_reply(self.engine.tokenize, request)
 
-    def detokenize(self, request: DetokenizeRequest) -> dict[str, Any]:
+    def detokenized(self, request: DetokenizeRequest) -> dict[str, Any]:
         return self.tokenizer_reply(self.engine.detokenize, request)
 
-    def tokenizer_info(self) -> dict[str, Any]:
+    def tokenizer_config(self) -> dict[str, Any]:
         return self.engine.tokenizer_info()
 
     @staticmethod

@@ -1,7 +1,7 @@
-"""The chat app's ingress: OpenAI's routes, each request checked, then relayed by its `model`
-field to that stage's deployment (serve/deployments.py).
+"""OpenAI's routes and how a server answers them.
 
-    GET  /v1/models             the stages this run has (base, sft, rlhf), and the reward model
+    GET  /v1/models             the models this server has (the router: the run's stages, base,
+                                sft, rlhf, and the reward model; a stage's app: that stage)
     POST /v1/chat/completions   chat; SSE `chat.completion.chunk`s ending in `data: [DONE]` when
                                 stream is true
     POST /v1/completions        plain text continuation (the base model's natural interface), of
@@ -9,9 +9,14 @@ field to that stage's deployment (serve/deployments.py).
     POST /v1/score              the reward model's score of a conversation, or of candidate replies
     POST /tokenize, /detokenize a stage's tokenizer, as vLLM's server has them (`model` optional)
     GET  /tokenizer_info        its tokenizer_config.json and chat template (`?model=` optional)
-    GET  /metrics               Prometheus metrics (serve/metrics.py)
+    GET  /metrics               Prometheus metrics of what this server answered (serve/metrics.py)
     GET  /                      the chat page (serve/page.html)
     GET  /health, /ready
+
+Two servers answer them (serve/app.py assembles both): the chat app's `Router` at `/`, which
+checks each request and relays it by its `model` field to that stage's deployment, and each stage
+deployment itself, the ingress of its own app at `/<stage>` (serve/deployments.py), which answers
+its model's requests in its own process: one Ray hop fewer on the way to the engine.
 
 Every bad request gets OpenAI's error JSON with a 4xx code; nothing a client sends can take a
 replica down.
@@ -22,7 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -33,6 +38,7 @@ from ray.serve.handle import DeploymentHandle
 
 from rlhf_ray.run import REWARD_MODEL
 import serve.metrics as serve_metrics
+from serve.deployment import deployment_name, stage_app
 from serve.metrics import RequestTimer
 from serve.protocol import (
     Body,
@@ -54,21 +60,54 @@ from serve.replies import Choices, Delta, merge
 
 PAGE = Path(__file__).with_name("page.html")
 
-api = FastAPI(title="rlhf-ray", docs_url=None, redoc_url=None)
+# (method, path, the OpenAIServer method that answers it)
+ROUTES = [
+    ("GET", "/v1/models", "models"),
+    ("POST", "/v1/chat/completions", "chat_completions"),
+    ("POST", "/v1/completions", "completions"),
+    ("POST", "/v1/score", "score"),
+    ("POST", "/tokenize", "tokenize"),
+    ("POST", "/detokenize", "detokenize"),
+    ("GET", "/tokenizer_info", "tokenizer_info"),
+    ("GET", "/metrics", "metrics"),
+    ("GET", "/", "page"),
+    ("GET", "/health", "health"),
+    ("GET", "/ready", "ready"),
+]
+
+
+def openai_api() -> FastAPI:
+    """The routes, each answered by the OpenAIServer this replica runs."""
+    api = FastAPI(title="rlhf-ray", docs_url=None, redoc_url=None)
+    for method, path, name in ROUTES:
+        api.add_api_route(path, answered_by(name), methods=[method])
+    api.add_middleware(CountResponses)
+    return api
+
+
+def answered_by(name: str) -> Any:
+    async def route(request: Request) -> Any:
+        return await getattr(ray_serve.get_replica_context().servable_object, name)(request)
+
+    route.__name__ = name
+    return route
 
 
 class CountResponses:
     """ASGI middleware counting each response by route and status (a plain ASGI wrapper, so
     streams pass through untouched and a client's disconnect still reaches them)."""
 
+    routes = {path for _, path, _ in ROUTES}
+
     def __init__(self, app: Any) -> None:
-        self.app = app  # built at the first request, when every route is defined
-        self.routes = {getattr(r, "path", None) for r in api.routes}
+        self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in self.routes else "other"
+        # Serve puts the app's route prefix (/sft for a stage's app) in root_path.
+        path = scope["path"].removeprefix(scope.get("root_path", "").rstrip("/"))
+        route = path if path in self.routes else "other"
 
         async def counted(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -76,9 +115,6 @@ class CountResponses:
             await send(message)
 
         await self.app(scope, receive, counted)
-
-
-api.add_middleware(CountResponses)
 
 
 def unknown_model(model: str | None, models: list[str]) -> JSONResponse:
@@ -102,17 +138,34 @@ async def replies(first: list[Delta], rest: Any) -> AsyncIterator[Delta]:
             yield delta
 
 
-# Ingress is pickled as it is defined (ray_serve.ingress wraps it), so what it uses is defined above.
-@ray_serve.deployment
-@ray_serve.ingress(api)
-class Ingress:
-    def __init__(self, stages: dict[str, DeploymentHandle], reward: DeploymentHandle | None,
-                 api_key_env: str | None, max_body_bytes: int) -> None:
-        self.stages, self.reward = stages, reward
+
+class Batches(Protocol):
+    """A stage's reply to one generation request, as batches of deltas (its first item an error
+    dict when the request cannot be served); `cancel` stops the engine's work on it."""
+
+    def __aiter__(self) -> Any: ...
+    async def __anext__(self) -> Any: ...
+    def cancel(self) -> None: ...
+
+
+class OpenAIServer:
+    """The routes' answers over this server's models. A subclass says how a model is reached:
+    `stream` starts a generation, `ask` calls one of the stage deployment's methods (its
+    tokenizer's: tokenized, detokenized, tokenizer_config)."""
+
+    def serve_models(self, chat_models: list[str], reward: DeploymentHandle | None,
+                     api_key_env: str | None, max_body_bytes: int) -> None:
+        self.chat_models, self.reward = chat_models, reward
         # The tokenizer routes' model when a body names none: a run's stages share one tokenizer.
-        self.first_stage = next(iter(stages))
+        self.first_stage = chat_models[0]
         self.api_key = read_api_key(api_key_env)
         self.max_body_bytes = max_body_bytes
+
+    def stream(self, model: str, request: SamplingFields, request_id: str) -> Batches:
+        raise NotImplementedError
+
+    async def ask(self, model: str, method: str, *args: Any) -> Any:
+        raise NotImplementedError
 
     async def parse(self, request: Request, kind: type[Body], models: list[str],
                     default: str | None = None) -> Any:
@@ -138,16 +191,16 @@ class Ingress:
         parsed.model = parsed.model or default
         return parsed if parsed.model in models else unknown_model(parsed.model, models)
 
-    @api.get("/v1/models")
+    def all_models(self) -> list[str]:
+        return self.chat_models + ([REWARD_MODEL] if self.reward is not None else [])
+
     async def models(self, request: Request) -> Any:
         if (refused := refusal(self.api_key, request)) is not None:
             return refused
-        ids = list(self.stages) + ([REWARD_MODEL] if self.reward is not None else [])
         return {"object": "list", "data": [
             {"id": model, "object": "model", "created": now(), "owned_by": "rlhf-ray"}
-            for model in ids]}
+            for model in self.all_models()]}
 
-    @api.post("/v1/score")
     async def score(self, request: Request) -> Any:
         parsed = await self.parse(request, ScoreRequest, [REWARD_MODEL] if self.reward else [])
         if isinstance(parsed, JSONResponse):
@@ -170,71 +223,62 @@ class Ingress:
         ranking = sorted(range(len(scores)), key=lambda i: -scores[i])
         return {"object": "score", "model": REWARD_MODEL, "scores": scores, "ranking": ranking}
 
-    @api.get("/", response_class=HTMLResponse)
-    async def page(self) -> str:
+    async def page(self, request: Request) -> HTMLResponse:
         """The chat page: pick a stage and chat, or compare base/sft/rlhf with the RM's scores."""
-        return PAGE.read_text(encoding="utf-8")
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
-    @api.get("/health")
-    async def health(self) -> dict:
+    async def health(self, request: Request) -> dict:
         return {"status": "ok"}
 
-    @api.get("/ready")
-    async def ready(self) -> dict:
-        return {"status": "ready",
-                "models": sorted(self.stages) + ([REWARD_MODEL] if self.reward is not None else [])}
+    async def ready(self, request: Request) -> dict:
+        return {"status": "ready", "models": sorted(self.chat_models) +
+                ([REWARD_MODEL] if self.reward is not None else [])}
 
-    @api.post("/tokenize")
     async def tokenize(self, request: Request) -> Any:
-        return await self.relay(request, TokenizeRequest, "tokenize")
+        return await self.relay(request, TokenizeRequest, "tokenized")
 
-    @api.post("/detokenize")
     async def detokenize(self, request: Request) -> Any:
-        return await self.relay(request, DetokenizeRequest, "detokenize")
+        return await self.relay(request, DetokenizeRequest, "detokenized")
 
-    @api.get("/tokenizer_info")
-    async def tokenizer_info(self, request: Request, model: str | None = None) -> Any:
+    async def tokenizer_info(self, request: Request) -> Any:
         if (refused := refusal(self.api_key, request)) is not None:
             return refused
-        model = model or self.first_stage
-        if model not in self.stages:
-            return unknown_model(model, list(self.stages))
-        return await self.stages[model].tokenizer_info.remote()
+        model = request.query_params.get("model") or self.first_stage
+        if model not in self.chat_models:
+            return unknown_model(model, self.chat_models)
+        return await self.ask(model, "tokenizer_config")
 
     async def relay(self, request: Request, kind: type[TokenizeRequest | DetokenizeRequest],
                     method: str) -> Any:
         """A request a stage answers in one reply (its tokenizer's routes); without a `model`,
-        the run's first stage answers (a run's stages share their tokenizer)."""
-        parsed = await self.parse(request, kind, list(self.stages), self.first_stage)
+        the first stage answers (a run's stages share their tokenizer)."""
+        parsed = await self.parse(request, kind, self.chat_models, self.first_stage)
         if isinstance(parsed, JSONResponse):
             return parsed
         try:
-            reply = await getattr(self.stages[parsed.model], method).remote(parsed)
+            reply = await self.ask(parsed.model, method, parsed)
         except BackPressureError:
             return overloaded(parsed.model)
         return error(400, reply["error"], param=reply["param"]) if "error" in reply else reply
 
-    @api.get("/metrics")
     async def metrics(self, request: Request) -> Response:
         if (refused := refusal(self.api_key, request)) is not None:
             return refused
         content, media_type = serve_metrics.METRICS.render()
         return Response(content, media_type=media_type)
 
-    @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
-        parsed = await self.parse(request, ChatCompletionRequest, list(self.stages))
+        parsed = await self.parse(request, ChatCompletionRequest, self.chat_models)
         return parsed if isinstance(parsed, JSONResponse) else await self.complete(parsed, chat=True)
 
-    @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
-        parsed = await self.parse(request, CompletionRequest, list(self.stages))
+        parsed = await self.parse(request, CompletionRequest, self.chat_models)
         return parsed if isinstance(parsed, JSONResponse) else await self.complete(parsed, chat=False)
 
     async def complete(self, request: SamplingFields, chat: bool) -> Any:
         request_id = new_id("chatcmpl" if chat else "cmpl")
         timer = RequestTimer(serve_metrics.METRICS, request.model)
-        deltas = self.stages[request.model].options(stream=True).generate.remote(request, request_id)
+        deltas = self.stream(request.model, request, request_id)
         try:
             first = await deltas.__anext__()  # a request error arrives before any text
         except BackPressureError:
@@ -264,7 +308,7 @@ class Ingress:
             body["service_tier"] = "default"
         return body
 
-    async def sse(self, first: list[Delta], deltas: Any, request: SamplingFields,
+    async def sse(self, first: list[Delta], deltas: Batches, request: SamplingFields,
                   request_id: str, choices: Choices, timer: RequestTimer) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if choices.chat else "text_completion"
         created = now()
@@ -297,3 +341,24 @@ class Ingress:
         if request.stream_options and request.stream_options.include_usage:
             yield event([], usage)
         yield "data: [DONE]\n\n"
+
+
+# Router is pickled as it is defined (ray_serve.ingress wraps it), so what it uses is defined above.
+@ray_serve.deployment
+@ray_serve.ingress(openai_api())
+class Router(OpenAIServer):
+    """The chat app's ingress at `/`: every stage of the run, each request relayed by its `model`
+    to that stage's deployment (in the stage's own app), the reward model's scores beside them."""
+
+    def __init__(self, stages: list[str], reward: DeploymentHandle | None,
+                 api_key_env: str | None, max_body_bytes: int) -> None:
+        self.serve_models(stages, reward, api_key_env, max_body_bytes)
+        # Not checked now: the stages' apps are deployed together with this one, in any order.
+        self.stages = {stage: ray_serve.get_deployment_handle(
+            deployment_name(stage), stage_app(stage).name, _check_exists=False) for stage in stages}
+
+    def stream(self, model: str, request: SamplingFields, request_id: str) -> Batches:
+        return self.stages[model].options(stream=True).generate.remote(request, request_id)
+
+    async def ask(self, model: str, method: str, *args: Any) -> Any:
+        return await getattr(self.stages[model], method).remote(*args)

@@ -1,10 +1,11 @@
-"""Deploy the serve application on a Ray cluster (an embedded local one by default).
+"""Deploy the serve applications on a Ray cluster (an embedded local one by default).
 
-It is deployed the way `serve deploy` does it, from a config: Serve builds the app once, by
-`serve.app:app_builder` (serve/deployment.py) from the run folder, and each stage's folder is its deployment's
-user_config. Deploying again with one stage's folder changed (or rewritten by a new export)
-changes only that deployment's user_config, which Serve applies in place: that stage's replicas
-load the new model next to the old one and drain the old one; nothing else restarts.
+They are deployed the way `serve deploy` does it, from a config: Serve builds each app once, by
+`serve.app:app_builder` and `serve.app:stage_app_builder` (serve/deployment.py) from the run
+folder, and each stage's folder is its deployment's user_config. Deploying again with one
+stage's folder changed (or rewritten by a new export) changes only that deployment's
+user_config, which Serve applies in place: that stage's replicas load the new model next to the
+old one and drain the old one; nothing else restarts.
 """
 
 from __future__ import annotations
@@ -27,16 +28,17 @@ from rlhf_ray.cluster import ResourcesError, bundle, connect, describe, joins_cl
 from rlhf_ray.compare.store import ComparisonStore
 from rlhf_ray.config import RunConfig
 from rlhf_ray.plan import check_fits_here
-from rlhf_ray.run import CHAT_MODELS, RunFolder
+from rlhf_ray.run import CHAT_MODELS, REWARD_MODEL, RunFolder
 from serve.app import check_servable, folder_config, stage_folders
-from serve.deployment import CHAT_APP, RANK_APP, deployment_name
+from serve.deployment import CHAT_APP, RANK_APP, App, deployment_name, stage_app
 from serve.protocol import read_api_key
 
 
 def deploy_config(run_dir: Path, cfg: RunConfig, chat: bool = True) -> ServeDeploySchema:
     """Serve's own config for this run: what `serve deploy` would be given. It holds the chat
-    app (unless `chat` is False) and, when the run has comparisons to rank, the ranking page."""
-    apps = [chat_app(run_dir, cfg)] if chat else []
+    app and each chat stage's app (unless `chat` is False) and, when the run has comparisons to
+    rank, the ranking page."""
+    apps = chat_apps(run_dir, cfg) if chat else []
     compare = RunFolder(Path(run_dir)).compare
     if ComparisonStore(compare).has_candidates():
         apps.append(ServeApplicationSchema(
@@ -51,22 +53,32 @@ def deploy_config(run_dir: Path, cfg: RunConfig, chat: bool = True) -> ServeDepl
 
 
 def key_env(cfg: RunConfig) -> dict:
-    """The API key travels to the ingresses, which read it from their environment."""
+    """The API key travels to the ingresses (the router, the stages, the ranking page), which
+    read it from their environment."""
     if cfg.serve.api_key_env is None:
         return {}
     return {"env_vars": {cfg.serve.api_key_env: os.environ[cfg.serve.api_key_env]}}
 
 
-def chat_app(run_dir: Path, cfg: RunConfig) -> ServeApplicationSchema:
+def chat_apps(run_dir: Path, cfg: RunConfig) -> list[ServeApplicationSchema]:
+    """The chat app (the router, and the reward model) and each chat stage's app. Each folder is
+    its deployment's user_config, and only there: a folder that changes then changes only the
+    user_config, which Serve applies in place (the apps' args stay the same)."""
     folders = stage_folders(run_dir, cfg.serve)
     settings = {k: v for k, v in cfg.serve.model_dump(mode="json").items() if k != "folders"}
-    return ServeApplicationSchema(
-        name=CHAT_APP.name, route_prefix=CHAT_APP.route_prefix, import_path=CHAT_APP.import_path,
-        args={"run": str(run_dir.resolve()), "stages": sorted(folders),
-              "serve": settings},
-        runtime_env=key_env(cfg),
-        deployments=[{"name": deployment_name(stage), "user_config": folder_config(folder)}
-                     for stage, folder in sorted(folders.items())])
+    args = {"run": str(run_dir.resolve()), "serve": settings}
+
+    def app(of: App, args: dict, deployments: dict[str, Path]) -> ServeApplicationSchema:
+        return ServeApplicationSchema(
+            name=of.name, route_prefix=of.route_prefix, import_path=of.import_path, args=args,
+            runtime_env=key_env(cfg),
+            deployments=[{"name": deployment_name(model), "user_config": folder_config(folder)}
+                         for model, folder in deployments.items()])
+
+    chat = app(CHAT_APP, {**args, "stages": sorted(folders)},
+               {m: f for m, f in folders.items() if m == REWARD_MODEL})
+    return [chat] + [app(stage_app(stage), {**args, "stage": stage}, {stage: folder})
+                     for stage, folder in sorted(folders.items()) if stage in CHAT_MODELS]
 
 
 def start(run_dir: Path, cfg: RunConfig, chat: bool = True) -> str:

@@ -391,10 +391,11 @@ def test_the_rayjob_runs_the_pipeline_on_the_rayclusters_spec(manifests):
 def test_the_rayservice_serves_the_run_the_gpu_config_writes(manifests, gpu_config):
     service = manifests["RayService"]["spec"]
     config = ServeDeploySchema.model_validate(yaml.safe_load(service["serveConfigV2"]))
-    app, rank = config.applications
+    app, *stage_apps, rank = config.applications
     # Its apps' names and import paths: tests/unit/test_serve_config.py.
     run = f"{gpu_config['runs_dir']}/{gpu_config['name']}"
     assert app.args == {"run": run}
+    assert stage_apps and all(a.args["run"] == run for a in stage_apps)
     assert rank.args == {"folder": f"{run}/compare"}
     # Reachable from the Service: on all interfaces, on the port the head exposes as `serve`.
     assert config.http_options.host == "0.0.0.0"

@@ -9,12 +9,12 @@ from serve.cpus import all_node_cores, keep_off_worker_cores, to_move
 
 def test_serves_processes_and_the_engines_schedulers_move_but_workers_and_other_actors_stay():
     node = [(1, "ray::ServeController"), (2, "ray::ProxyActor"),
-            (3, "ray::ServeReplica:rlhf-ray:Ingress"), (4, "ray::ServeReplica:rlhf-ray:stage-sft"),
+            (3, "ray::ServeReplica:rlhf-ray:Router"), (4, "ray::ServeReplica:rlhf-ray-sft:stage-sft"),
             (5, "VLLM::EngineCore"), (6, "VLLM::Worker"), (7, "VLLM::Worker_TP0"),
             (8, "ray::PolicyWorker.train"), (9, "ray::IDLE"), (10, "ray::DashboardAgent"),
             (11, "ray::RuntimeEnvAgent"), (12, "python"),
             (13, "ray::ServeReplica:rlhf-ray:reward"), (14, "ray::ServeReplica:rlhf-ray:reward.score"),
-            (15, "ray::ServeReplica:rlhf-ray:Ingress.handle_request")]
+            (15, "ray::ServeReplica:rlhf-ray:Router.handle_request")]
     assert to_move(node) == [1, 2, 3, 4, 5, 10, 11, 15]  # the reward model computes on its cores
 
 

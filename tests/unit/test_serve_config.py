@@ -12,8 +12,8 @@ from ray.serve.schema import ServeDeploySchema
 
 from rlhf_ray.compare.store import Candidate, ComparisonStore
 from rlhf_ray.config import load_config, save_config
-from serve.app import app_builder, check_servable, stage_folders
-from serve.deployment import CHAT_APP, RANK_APP
+from serve.app import app_builder, check_servable, stage_app_builder, stage_folders
+from serve.deployment import CHAT_APP, RANK_APP, stage_app
 from serve.run import deploy_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,25 +26,33 @@ def rays_config(path: str) -> ServeDeploySchema:
     return ServeDeploySchema.model_validate(config)
 
 
-@pytest.mark.parametrize("path", ["serve/serve_config.yaml", "deploy/rayservice.yaml"])
-def test_rays_own_configs_name_the_apps_as_serve_deployment_does(path):
-    apps = rays_config(path).applications
-    assert [(a.name, a.route_prefix, a.import_path) for a in apps] == [
-        (a.name, a.route_prefix, a.import_path) for a in (CHAT_APP, RANK_APP)]
-    for app in apps:  # each import path is a function that exists
+def named(apps: list) -> list[tuple[str, str, str]]:
+    return [(a.name, a.route_prefix, a.import_path) for a in apps]
+
+
+@pytest.mark.parametrize("path, stages", [("serve/serve_config.yaml", ["base", "sft", "rlhf"]),
+                                          ("deploy/rayservice.yaml", ["sft", "rlhf"])])
+def test_rays_own_configs_name_the_apps_as_serve_deployment_does(path, stages):
+    chat, *stage_apps, rank = rays_config(path).applications
+    assert named([chat, *stage_apps, rank]) == named([CHAT_APP, *map(stage_app, stages), RANK_APP])
+    for app in (chat, *stage_apps, rank):  # each import path is a function that exists
         module, function = app.import_path.split(":")
         assert callable(getattr(importlib.import_module(module), function))
-    assert apps[0].args["run"] + "/compare" == apps[1].args["folder"]
+    assert [a.args for a in stage_apps] == [{"run": chat.args["run"], "stage": s} for s in stages]
+    assert chat.args["run"] + "/compare" == rank.args["folder"]
 
 
-def test_the_deploy_config_names_the_apps_as_serve_deployment_does(tmp_path, tiny_policy_dir):
+def test_the_deploy_config_names_the_apps_as_serve_deployment_does(tmp_path, tiny_policy_dir, tiny_reward_dir):
     cfg = load_config(REPO / "configs" / "test.yaml", [f"runs_dir={tmp_path}"])
-    shutil.copytree(tiny_policy_dir, cfg.run_dir / "sft")
+    for stage in ("sft", "rlhf"):
+        shutil.copytree(tiny_policy_dir, cfg.run_dir / stage)
+    shutil.copytree(tiny_reward_dir, cfg.run_dir / "reward")
     ComparisonStore(cfg.run_dir / "compare").write_candidates(
         [Candidate(id="p0", prompt=[{"role": "user", "content": "Hi?"}], responses=["a", "b"])])
     apps = deploy_config(cfg.run_dir, cfg).applications
-    assert [(a.name, a.route_prefix, a.import_path) for a in apps] == [
-        (a.name, a.route_prefix, a.import_path) for a in (CHAT_APP, RANK_APP)]
+    assert named(apps) == named([CHAT_APP, stage_app("rlhf"), stage_app("sft"), RANK_APP])
+    # The router's app holds the reward model; each stage's app, the stage's deployment.
+    assert [[d.name for d in a.deployments] for a in apps[:3]] == [["reward"], ["stage-rlhf"], ["stage-sft"]]
 
 
 def test_a_run_is_checked_for_serving_without_building_the_app(tmp_path, tiny_policy_dir, monkeypatch):
@@ -63,10 +71,10 @@ def test_a_run_is_checked_for_serving_without_building_the_app(tmp_path, tiny_po
 def test_the_ranking_page_is_deployed_when_the_run_has_comparisons_to_rank(tmp_path, tiny_policy_dir):
     cfg = load_config(REPO / "configs" / "test.yaml", [f"runs_dir={tmp_path}", "compare.lease_s=60"])
     shutil.copytree(tiny_policy_dir, cfg.run_dir / "sft")
-    assert [a.name for a in deploy_config(cfg.run_dir, cfg).applications] == ["rlhf-ray"]
+    assert [a.name for a in deploy_config(cfg.run_dir, cfg).applications] == ["rlhf-ray", "rlhf-ray-sft"]
     ComparisonStore(cfg.run_dir / "compare").write_candidates(
         [Candidate(id="p0", prompt=[{"role": "user", "content": "Hi?"}], responses=["a", "b"])])
-    chat, rank = deploy_config(cfg.run_dir, cfg).applications
+    *chat, rank = deploy_config(cfg.run_dir, cfg).applications
     assert rank.name == "rlhf-ray-rank" and rank.args["lease_s"] == 60
     assert rank.args["folder"] == str((cfg.run_dir / "compare").resolve())
     assert [a.name for a in deploy_config(cfg.run_dir, cfg, chat=False).applications] == ["rlhf-ray-rank"]
@@ -85,8 +93,8 @@ def user_configs(run_dir: Path, overrides: list[str] = ()) -> dict[str, dict]:
     """Each deployment's user_config in the deploy config of `run_dir` (what Serve compares)."""
     cfg = load_config(REPO / "configs" / "test.yaml", [f"runs_dir={run_dir.parent}", f"name={run_dir.name}",
                                                          *overrides])
-    app = deploy_config(run_dir, cfg).applications[0]
-    return {d.name: d.user_config for d in app.deployments}
+    apps = deploy_config(run_dir, cfg).applications
+    return {d.name: d.user_config for app in apps for d in app.deployments}
 
 
 def test_a_stage_is_served_from_the_folder_the_config_names(tmp_path, tiny_policy_dir, tiny_reward_dir):
@@ -105,11 +113,13 @@ def test_the_deploy_config_builds_the_app_with_the_runs_settings(tmp_path, tiny_
     shutil.copytree(tiny_policy_dir, run / "sft")
     cfg = load_config(REPO / "configs" / "test.yaml", [f"runs_dir={tmp_path}", "name=run",
                                                          "serve.max_queued_requests=3", "serve.stages=[sft]"])
-    [app] = deploy_config(run, cfg).applications
-    assert app.args["stages"] == ["sft"] and app.args["serve"]["max_queued_requests"] == 3
-    built = app_builder(app.args)  # what Serve's build task runs
-    [stage] = built._bound_deployment.init_args[0].values()
-    assert stage._bound_deployment._deployment_config.max_queued_requests == 3
+    chat, sft = deploy_config(run, cfg).applications
+    assert chat.args["stages"] == ["sft"] and sft.args["serve"]["max_queued_requests"] == 3
+    router = app_builder(chat.args)._bound_deployment  # what Serve's build task runs
+    assert router.init_args[0] == ["sft"]
+    stage = stage_app_builder(sft.args)._bound_deployment
+    assert stage.name == "stage-sft" and stage._deployment_config.max_queued_requests == 3
+    assert stage._deployment_config.user_config["folder"] == str(run / "sft")
 
 
 def test_only_a_moved_or_rewritten_stage_gets_a_new_user_config(tmp_path, tiny_policy_dir, tiny_reward_dir):

@@ -21,13 +21,15 @@ pytestmark = pytest.mark.integration
 TASKS = Path(__file__).with_name("lm_eval_tasks")
 
 
-# lm-eval tokenizes with the model folder's tokenizer, or (auto, as against vLLM's server) asks
-# the server's /tokenizer_info, /tokenize and /detokenize.
+# lm-eval tokenizes with the model folder's tokenizer, through the router, or (auto, as against
+# vLLM's one-model server) asks the server's /tokenizer_info, /tokenize and /detokenize, here at
+# the base stage's own URL.
 @pytest.mark.parametrize("tokenizer", ["huggingface", "auto"])
 def test_lm_eval_scores_the_base_model_over_the_completions_api(url, served, tmp_path, tokenizer):
     base_folder = served[1].run_dir / "base"
     backend = [f"tokenizer={base_folder}"] if tokenizer == "huggingface" else [f"auth_token={KEY}"]
-    args = ",".join([f"base_url={url}/v1/completions", "model=base", f"tokenizer_backend={tokenizer}",
+    base_url = f"{url}/v1/completions" if tokenizer == "huggingface" else f"{url}/base/v1/completions"
+    args = ",".join([f"base_url={base_url}", "model=base", f"tokenizer_backend={tokenizer}",
                      *backend, "tokenized_requests=True", "num_concurrent=2", "max_retries=1",
                      "max_length=512"])
     env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

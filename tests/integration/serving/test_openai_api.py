@@ -1,17 +1,19 @@
 """The OpenAI request surface, checked with the official `openai` client against the served tiny
 models: logprobs in both of OpenAI's shapes (and equal to the model's own log-softmax), echo of
 a prompt's log-likelihood, penalties and logit bias, JSON mode, several and token-id prompts,
-best_of, vLLM's extensions, /tokenize, /detokenize, /tokenizer_info and /metrics."""
+best_of, vLLM's extensions, /tokenize, /detokenize, /tokenizer_info and /metrics; and each
+stage answering the same at its own URL (/<stage>/v1) as through the router (/v1)."""
 
 import json
 import math
 
 import httpx
+import openai
 import pytest
 import torch
 
 from rlhf_ray.modeling import load_policy
-from tests.served import AUTH, QUESTION
+from tests.served import AUTH, KEY, QUESTION
 from tests.tiny import FACTS
 
 pytestmark = pytest.mark.integration
@@ -221,16 +223,45 @@ def sample(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def test_metrics_count_requests_by_code_and_time_each_models_replies(url, client):
+def test_each_stage_answers_at_its_own_url_as_through_the_router(url, client):
+    own = openai.OpenAI(base_url=f"{url}/sft/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in own.models.list().data] == ["sft"]
+    asked = {"model": "sft", "messages": QUESTION, "max_tokens": 6, "temperature": 0,
+             "logprobs": True, "top_logprobs": 2}
+    direct, routed = own.chat.completions.create(**asked), client.chat.completions.create(**asked)
+    assert direct.choices[0].message.content == routed.choices[0].message.content == "Paris."
+    assert [t.logprob for t in direct.choices[0].logprobs.content] == pytest.approx(
+        [t.logprob for t in routed.choices[0].logprobs.content], abs=1e-4)
+    streamed = own.chat.completions.create(**asked, stream=True, stream_options={"include_usage": True})
+    chunks = list(streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Paris."
+    assert chunks[-1].usage.completion_tokens == direct.usage.completion_tokens
+    echoed = {"model": "sft", "prompt": FRANCE, "max_tokens": 0, "echo": True, "logprobs": 1}
+    direct_echo = own.completions.create(**echoed).choices[0].logprobs.token_logprobs
+    routed_echo = client.completions.create(**echoed).choices[0].logprobs.token_logprobs
+    assert direct_echo[0] is None and routed_echo[0] is None  # the first token has no context
+    assert direct_echo[1:] == pytest.approx(routed_echo[1:], abs=1e-4)
+    assert tokenize(f"{url}/sft", messages=QUESTION) == tokenize(url, model="sft", messages=QUESTION)
+    with pytest.raises(openai.NotFoundError, match="this route serves \\['sft'\\]"):
+        own.chat.completions.create(**{**asked, "model": "rlhf"})
+    assert httpx.get(f"{url}/sft/v1/models", timeout=30).status_code == 401  # behind the key too
+
+
+@pytest.mark.parametrize("prefix", ["", "/sft"], ids=["router", "stage"])
+def test_metrics_count_requests_by_code_and_time_each_models_replies(url, prefix):
+    """The router counts what it answers at /metrics, each stage what it answers at its own URL
+    at /<stage>/metrics."""
+    client = openai.OpenAI(base_url=f"{url}{prefix}/v1", api_key=KEY, max_retries=0)
+
     def metrics() -> str:
-        response = httpx.get(f"{url}/metrics", headers=AUTH, timeout=30)
+        response = httpx.get(f"{url}{prefix}/metrics", headers=AUTH, timeout=30)
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
         return response.text
 
     before = metrics()
     client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=4)
     list(client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=4, stream=True))
-    httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=30, json={"model": "sft"})
+    httpx.post(f"{url}{prefix}/v1/chat/completions", headers=AUTH, timeout=30, json={"model": "sft"})
     after = metrics()
 
     def grew(name: str, **labels: str) -> float:
@@ -242,4 +273,4 @@ def test_metrics_count_requests_by_code_and_time_each_models_replies(url, client
     assert grew("rlhf_ray_generation_tokens_total", model="sft") >= 2
     assert sample(after, "rlhf_ray_requests_in_flight", model="sft") == 0
     assert math.isfinite(sample(after, "rlhf_ray_request_duration_seconds_sum", model="sft"))
-    assert httpx.get(f"{url}/metrics", timeout=30).status_code == 401  # behind the key too
+    assert httpx.get(f"{url}{prefix}/metrics", timeout=30).status_code == 401  # behind the key too
