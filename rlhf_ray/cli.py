@@ -119,8 +119,10 @@ def wait_for_ctrl_c(until: Callable[[], bool] | None = None) -> None:
 
 
 def print_urls(url: str, models: list[str], run_dir: object) -> None:
+    own = ", ".join(f"{url}/{m}/v1" for m in models if m in CHAT_MODELS)
     print(f"rlhf-ray: serving {', '.join(models)} from {run_dir}\n"
           f"  API: {url}/v1  (models: GET {url}/v1/models; OpenAI clients: base_url={url}/v1)\n"
+          f"  each stage alone, one hop fewer: {own}\n"
           f"  chat page: {url}/", flush=True)
 
 

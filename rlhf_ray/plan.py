@@ -361,7 +361,7 @@ def _vllm(role: str, placement: str, gpus: float, s: ModelShape, params: int, dt
 
 
 def serve_stage(cfg: RunConfig, s: ModelShape, gpu: float) -> StagePlan:
-    """serve/app.py build_app: up to max_replicas vLLM replicas per chat stage (no tensor
+    """serve/app.py build_stage_app: up to max_replicas vLLM replicas per chat stage (no tensor
     parallelism), and one reward-model replica in float32 on its CPU."""
     sv = cfg.serve
     base = CHAT_MODELS[0]  # a pretrained run has no base/ of its own

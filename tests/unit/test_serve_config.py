@@ -148,3 +148,13 @@ def test_rays_serve_is_imported_under_an_alias_beside_our_serve_package():
     for path in [*(REPO / "serve").glob("*.py"), *(REPO / "tests").rglob("*.py"), *(REPO / "rlhf_ray").rglob("*.py")]:
         lines = path.read_text().splitlines()
         assert "from ray import serve" not in lines and "import ray.serve" not in lines, path
+
+
+def test_a_stage_app_is_built_for_a_chat_stage_only(tmp_path, tiny_policy_dir):
+    cfg = load_config(REPO / "configs" / "test.yaml", [f"runs_dir={tmp_path}"])
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    shutil.copytree(tiny_policy_dir, cfg.run_dir / "base")
+    built = stage_app_builder({"run": str(cfg.run_dir), "stage": "base"})._bound_deployment
+    assert built.name == "stage-base" and built.init_args[0] == "base"
+    with pytest.raises(ValueError, match="'reward' is not a chat stage"):
+        stage_app_builder({"run": str(cfg.run_dir), "stage": "reward"})
