@@ -13,7 +13,9 @@ Both get the same environment (quiet logs, OMP_WAIT_POLICY=PASSIVE as our replic
 For each concurrency N, N clients each stream chat completions back to back (greedy, so both
 servers write the same tokens; max_tokens fixed; a different prompt per request) after a warm-up.
 Per request: time to first token (the first content chunk) and latency (the last byte); tokens
-from the stream's usage chunk. Throughput is all completion tokens over the wall time of the
+from the stream's usage chunk; "held" is the share of responses whose text all came in one burst
+at the end (first text in the last tenth of the time), which on a box with no core to spare
+happens to either server now and then (bench/RESULTS.md). Throughput is all completion tokens over the wall time of the
 round. Ratios read "ours as a fraction of vLLM's", so >= 0.9 meets the target in every column:
 throughput ours/vLLM, times vLLM/ours.
 
@@ -153,7 +155,10 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     ended = time.perf_counter()
-    return {"ttft": (first or ended) - began, "latency": ended - began, "tokens": tokens}
+    # held: the whole text came in one burst at the end (first text in the last tenth of the time)
+    held = first is None or first - began >= 0.9 * (ended - began)
+    return {"ttft": (first or ended) - began, "latency": ended - began, "tokens": tokens,
+            "held": held}
 
 
 async def load_round(url: str, clients: int, per_client: int, max_tokens: int, tag: int) -> dict:
@@ -169,6 +174,7 @@ async def load_round(url: str, clients: int, per_client: int, max_tokens: int, t
         wall = time.perf_counter() - began
     return {"throughput": sum(r["tokens"] for r in results) / wall,
             "tokens": sum(r["tokens"] for r in results) / len(results),
+            "held": sum(r["held"] for r in results) / len(results),
             **{f"{key}_p{q}": percentile([r[key] for r in results], q)
                for key in ("ttft", "latency") for q in (50, 99)}}
 
@@ -177,11 +183,52 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def measure(server: subprocess.Popen, urls: dict[str, str],
-            args: argparse.Namespace) -> dict[str, dict[int, dict]]:
+def worker_cores(server: subprocess.Popen) -> set[int]:
+    """The cores the server's vLLM workers are bound to (vLLM binds them on a CPU)."""
+    import psutil
+
+    cores: set[int] = set()
+    for process in psutil.Process(server.pid).children(recursive=True):
+        try:
+            if process.name().startswith("VLLM::Worker"):
+                cores |= os.sched_getaffinity(process.pid)
+        except (psutil.Error, OSError):
+            pass
+    return cores
+
+
+def keep_off(cores: set[int], pids: list[int]) -> None:
+    """Move every thread of each process to the machine's cores outside `cores`."""
+    free = set(range(os.cpu_count() or 1)) - cores
+    for pid in pids:
+        try:
+            for thread in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(thread), free)
+        except (OSError, ValueError):
+            pass
+
+
+def pin_vllm(server: subprocess.Popen) -> None:
+    """Move vLLM's own API server and EngineCore off its worker's cores: the placement our
+    replicas give Serve's processes (serve/cpus.py). The clients (this process) float, as the
+    OS places them: pinned to the other core, they took most of it from the EngineCore."""
+    import psutil
+
+    busy = worker_cores(server)
+    if not busy or not set(range(os.cpu_count() or 1)) - busy:
+        return
+    family = [server.pid, *(p.pid for p in psutil.Process(server.pid).children(recursive=True))]
+    keep_off(busy, [pid for pid in family
+                    if not psutil.Process(pid).name().startswith("VLLM::Worker")])
+
+
+def measure(server: subprocess.Popen, urls: dict[str, str], args: argparse.Namespace,
+            vllm_pinned: bool = False) -> dict[str, dict[int, dict]]:
     """Each of one server's URLs (by name) at each concurrency, the URLs taking turns."""
     try:
         wait_ready(next(iter(urls.values())), server)
+        if vllm_pinned:
+            pin_vllm(server)
         results: dict[str, dict[int, dict]] = {name: {} for name in urls}
         for url in urls.values():
             asyncio.run(load_round(url, 2, 2, args.max_tokens, tag=-1))  # warm-up
@@ -213,6 +260,9 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="rounds of each server, interleaved")
+    parser.add_argument("--vllm-pinned", action="store_true",
+                        help="move vLLM's API server and EngineCore off its worker's cores, as "
+                             "our replicas do with Serve's processes")
     parser.add_argument("--ours-env", nargs="*", default=[], metavar="NAME=VALUE",
                         help="environment for our server only (e.g. a Serve setting to try)")
     parser.add_argument("--ours-set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -235,7 +285,8 @@ def main() -> None:
                     urls = {name: url + prefix for name, prefix in OURS.items()}
                 else:
                     server, urls = start_vllm(run, port), {"vllm": url}
-                for name, results in measure(server, urls, args).items():
+                pinned = args.vllm_pinned and server_name == "vllm"
+                for name, results in measure(server, urls, args, pinned).items():
                     rounds[name].append(results)
         theirs = median_round(rounds["vllm"])
         ours = {name: median_round(rounds[name]) for name in OURS}
@@ -247,10 +298,12 @@ def main() -> None:
           f"vllm {vllm_version()}, ray {version('ray')}; {args.requests_per_client} requests per "
           f"client, max_tokens {args.max_tokens}, greedy; medians of {args.repeats} interleaved "
           f"repeats; load at end {os.getloadavg()[0]:.2f}; ours with {extra_env or 'defaults'} "
-          f"{' '.join(args.ours_set)}\n")
+          f"{' '.join(args.ours_set)}; vLLM's server "
+          f"{'moved off its worker cores' if args.vllm_pinned else 'as it places itself'}\n")
     print("| clients | ours at | tokens/req | throughput tok/s (ours / vLLM) | ratio | TTFT p50 ms "
-          "| ratio | TTFT p99 ms | ratio | latency p50 ms | ratio | latency p99 ms | ratio |")
-    print("|---:|---|---:|---|---:|---|---:|---|---:|---|---:|---|---:|")
+          "| ratio | TTFT p99 ms | ratio | latency p50 ms | ratio | latency p99 ms | ratio "
+          "| held (ours / vLLM) |")
+    print("|---:|---|---:|---|---:|---|---:|---|---:|---|---:|---|---:|---|")
     for n in args.concurrency:
         for name, path in OURS.items():
             a, b = ours[name][n], theirs[n]
@@ -258,6 +311,7 @@ def main() -> None:
                      f"{a['throughput'] / b['throughput']:.2f}"]
             for key in ("ttft_p50", "ttft_p99", "latency_p50", "latency_p99"):
                 cells += [f"{a[key] * 1e3:.0f} / {b[key] * 1e3:.0f}", f"{b[key] / a[key]:.2f}"]
+            cells.append(f"{a['held']:.0%} / {b['held']:.0%}")
             print(f"| {n} | `{path}/v1` | {a['tokens']:.0f} / {b['tokens']:.0f} | "
                   + " | ".join(cells) + " |")
     print("\nthroughput ratio of each repeat: " + "; ".join(

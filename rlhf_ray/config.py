@@ -608,6 +608,14 @@ class ClusterConfig(Section):
     num_cpus: int | None = Field(
         None, ge=1, description="CPUs of the embedded local Ray (None: all of this machine's)."
     )
+    serve_ingress: Literal["proxy", "haproxy"] = Field(
+        "proxy", description="How HTTP reaches the served apps on the embedded local Ray. "
+        "'proxy': Serve's HTTP proxy actor, which hands each request to a replica over Ray. "
+        "'haproxy': Serve's HAProxy (shipped with ray[serve] on Linux) in front of the apps' "
+        "ingress replicas, which answer HTTP themselves: one Python process and one Ray call "
+        "fewer per request (bench/RESULTS.md has both measured). A cluster started elsewhere "
+        "keeps the ingress its `ray start` environment chose (RAY_SERVE_ENABLE_HA_PROXY).",
+    )
 
 
 # --------------------------------------------------------------------------- the run

@@ -24,10 +24,12 @@ from typing import Any
 from rlhf_ray.run import REWARD_MODEL
 from serve.deployment import deployment_name
 
-# The node's processes (the raylet's descendants) kept off the workers' cores: Serve's actors,
-# Ray's agents and vLLM's scheduler processes, by their titles as `ps` shows them.
-OFF_WORKER_CORES = ("ray::ServeController", "ray::ProxyActor", "ray::ServeReplica",
-                    "VLLM::EngineCore", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+# The node's processes (the raylet's descendants) kept off the workers' cores: Serve's actors
+# (HAProxy and its manager too, where Serve runs them instead of its proxy), Ray's agents and
+# vLLM's scheduler processes, by their titles as `ps` shows them.
+OFF_WORKER_CORES = ("ray::ServeController", "ray::ProxyActor", "ray::HAProxyManager", "haproxy",
+                    "ray::ServeReplica", "VLLM::EngineCore", "ray::DashboardAgent",
+                    "ray::RuntimeEnvAgent")
 
 
 def worker_cores(vllm_config: Any) -> set[int]:

@@ -1,0 +1,133 @@
+"""`cluster.serve_ingress: haproxy`: `rlhf-ray serve` starts its local Ray with Serve's HAProxy in
+front of the apps' ingress replicas instead of Serve's HTTP proxy, and every serving feature
+holds there: a stage at its own URL and through the router, streaming, 503 on overload, letting a
+request go when its client does, and nothing of HAProxy left once the server stops."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import psutil
+import pytest
+
+from rlhf_ray.config import load_config, save_config
+from rlhf_ray.modeling import save_model
+from rlhf_ray.tokenizer import load_tokenizer
+from tests.served import QUESTION, REPO, chat_model, free_port
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(tiny_policy_dir, tmp_path_factory):
+    """`rlhf-ray serve` of a run with base and sft behind HAProxy; yields (url, its process). Each
+    stage works on 1 request and queues 1 more."""
+    port = free_port()
+    cfg = load_config(REPO / "configs" / "test.yaml", [
+        f"runs_dir={tmp_path_factory.mktemp('haproxy')}", f"serve.port={port}",
+        "cluster.num_cpus=2", "cluster.serve_ingress=haproxy", "serve.stages=[base,sft]",
+        "serve.cpus_per_replica=0.25", "serve.max_ongoing_requests=1", "serve.max_queued_requests=1"])
+    shutil.copytree(tiny_policy_dir, cfg.run_dir / "base")
+    save_model(chat_model(tiny_policy_dir), load_tokenizer(tiny_policy_dir), cfg.run_dir / "sft")
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rlhf_ray.cli", "serve", "--run", str(cfg.run_dir)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + 600
+    while not any("  chat page: " in line for line in lines):
+        line = process.stdout.readline()
+        assert line or process.poll() is None, "".join(lines[-60:])
+        lines.append(line)
+        assert time.monotonic() < deadline, "".join(lines[-60:])
+    yield f"http://127.0.0.1:{port}", process
+    family = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGINT)
+    try:
+        rest, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        rest, _ = process.communicate()
+    assert process.returncode == 0, rest[-3000:]
+    gone, alive = psutil.wait_procs([p for p in family if name(p) == "haproxy"], timeout=30)
+    assert not alive, f"HAProxy still running after the server stopped: {alive}"
+
+
+def name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.Error:
+        return ""
+
+
+def chat(url: str, **fields) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": "sft", "messages": QUESTION, "max_tokens": 8, "temperature": 0, **fields})
+
+
+def long_stream(url: str) -> dict:
+    """A streamed completion of 300 sampled tokens: its status, chunks, Retry-After."""
+    body = {"model": "base", "prompt": "Once upon a time", "max_tokens": 300, "min_tokens": 300,
+            "temperature": 1.0, "seed": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as response:
+        if response.status_code != 200:
+            response.read()
+            return {"status": response.status_code, "text": response.text,
+                    "retry_after": response.headers.get("retry-after")}
+        chunks = [line for line in response.iter_lines() if line.startswith("data: {")]
+    return {"status": 200, "chunks": len(chunks)}
+
+
+def test_haproxy_and_not_serves_proxy_takes_the_requests_in(server):
+    url, process = server
+    names = [name(p) for p in psutil.Process(process.pid).children(recursive=True)]
+    assert "haproxy" in names and "ray::HAProxyManager" in names
+    routes = httpx.get(f"{url}/-/routes", timeout=10).json()
+    assert routes == {"/": "rlhf-ray", "/base": "rlhf-ray-base", "/sft": "rlhf-ray-sft"}
+
+
+def test_a_stage_answers_the_same_at_its_own_url_and_through_the_router(server):
+    url, _ = server
+    at_stage, routed = chat(f"{url}/sft"), chat(url)
+    assert at_stage.status_code == routed.status_code == 200, (at_stage.text, routed.text)
+    assert (at_stage.json()["choices"][0]["message"]["content"]
+            == routed.json()["choices"][0]["message"]["content"] == "Paris.")
+
+
+@pytest.mark.parametrize("prefix", ["", "/base"], ids=["router", "stage"])
+def test_a_stream_comes_in_pieces_and_overload_is_refused_with_503(server, prefix):
+    url, _ = server
+    with ThreadPoolExecutor(6) as pool:  # 1 runs, 1 waits, the rest are refused
+        results = list(pool.map(lambda _: long_stream(url + prefix), range(6)))
+    accepted = [r for r in results if r["status"] == 200]
+    refused = [r for r in results if r["status"] != 200]
+    assert accepted and refused, results
+    assert all(r["chunks"] > 3 for r in accepted)  # streamed, not sent in one piece
+    assert all(r["status"] == 503 and r["retry_after"] == "1" for r in refused), refused
+
+
+def test_a_client_that_goes_away_lets_its_request_go(server):
+    url, _ = server
+    body = {"model": "base", "prompt": "Once upon a time", "max_tokens": 300, "min_tokens": 300,
+            "stream": True}
+    with httpx.stream("POST", f"{url}/base/v1/completions", json=body, timeout=60) as response:
+        next(response.iter_lines())  # the first chunk; then the client goes away
+    deadline = time.monotonic() + 30
+    while in_flight(f"{url}/base", "base") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert in_flight(f"{url}/base", "base") == 0
+    assert long_stream(f"{url}/base")["status"] == 200  # the stage's one slot is free again
+
+
+def in_flight(url: str, model: str) -> float:
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    line = next(line for line in metrics.splitlines()
+                if line.startswith(f'rlhf_ray_requests_in_flight{{model="{model}"}}'))
+    return float(line.split()[-1])
+
