@@ -1,6 +1,9 @@
 """What the serve tests share: the tiny chat model they serve, the API key, a free port."""
 
+import os
+import signal
 import socket
+import subprocess
 from pathlib import Path
 
 import torch
@@ -29,3 +32,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ctrl_c(process: subprocess.Popen) -> str:
+    """Stop a server or run started in its own session as Ctrl-C would (killed after 120 s);
+    returns the rest of its output."""
+    process.send_signal(signal.SIGINT)
+    try:
+        rest, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        rest, _ = process.communicate()
+    return rest

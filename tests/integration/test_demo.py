@@ -2,7 +2,6 @@
 base vs SFT vs RLHF side by side and the training curves, then every stage served until Ctrl-C."""
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.served import ctrl_c
 
 pytestmark = pytest.mark.integration
 
@@ -67,11 +68,6 @@ def test_the_demo_trains_every_stage_reports_and_serves_until_ctrl_c(tmp_path):
             "max_tokens": 8})
         assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["role"] == "assistant"
     finally:
-        demo.send_signal(signal.SIGINT)
-        try:
-            rest, _ = demo.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(demo.pid, signal.SIGKILL)
-            rest, _ = demo.communicate()
+        rest = ctrl_c(demo)
     assert demo.returncode == 0, rest[-3000:]
     assert "rlhf-ray: stopping the server" in rest

@@ -5,7 +5,6 @@ request go when its client does, and nothing of HAProxy left once the server sto
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 from rlhf_ray.config import load_config, save_config
 from rlhf_ray.modeling import save_model
 from rlhf_ray.tokenizer import load_tokenizer
-from tests.served import QUESTION, REPO, chat_model, free_port
+from tests.served import QUESTION, REPO, chat_model, ctrl_c, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -48,12 +47,7 @@ def server(tiny_policy_dir, tmp_path_factory):
         assert time.monotonic() < deadline, "".join(lines[-60:])
     yield f"http://127.0.0.1:{port}", process
     family = psutil.Process(process.pid).children(recursive=True)
-    process.send_signal(signal.SIGINT)
-    try:
-        rest, _ = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        rest, _ = process.communicate()
+    rest = ctrl_c(process)
     assert process.returncode == 0, rest[-3000:]
     gone, alive = psutil.wait_procs([p for p in family if name(p) == "haproxy"], timeout=30)
     assert not alive, f"HAProxy still running after the server stopped: {alive}"
