@@ -15,12 +15,12 @@ servers write the same tokens; max_tokens fixed; a different prompt per request)
 Per request: time to first token (the first content chunk) and latency (the last byte); tokens
 from the stream's usage chunk; "held" is the share of responses whose text all came in one burst
 at the end (first text in the last tenth of the time), which on a box with no core to spare
-happens to either server now and then (bench/RESULTS.md). Throughput is all completion tokens over the wall time of the
-round. Ratios read "ours as a fraction of vLLM's", so >= 0.9 meets the target in every column:
-throughput ours/vLLM, times vLLM/ours.
+happens to either server now and then (bench/RESULTS.md). Throughput is all completion tokens
+over the wall time of the round. Ratios read "ours as a fraction of vLLM's", so >= 0.9 meets the
+target in every column: throughput ours/vLLM, times vLLM/ours.
 
     .venv/bin/python bench/serve_vs_vllm.py [--concurrency 1 8 32] [--requests-per-client 6]
-                                            [--max-tokens 128] [--repeats 3]
+                                            [--max-tokens 128] [--repeats 3] [--vllm-pinned]
                                             [--ours-env NAME=VALUE ...] [--ours-set KEY=VALUE ...]
 """
 
@@ -51,6 +51,7 @@ from rlhf_ray.config import load_config, save_config  # noqa: E402
 from rlhf_ray.memory import vllm_memory_args  # noqa: E402
 from rlhf_ray.modeling import count_parameters, load_policy  # noqa: E402
 from rlhf_ray.run import RunFolder  # noqa: E402
+from serve.cpus import move_threads  # noqa: E402
 
 # Our server's two ways in: the sft stage's own app, and the router that picks it by `model`.
 OURS = {"ours /sft/v1": "/sft", "ours /v1": ""}
@@ -183,43 +184,24 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def worker_cores(server: subprocess.Popen) -> set[int]:
-    """The cores the server's vLLM workers are bound to (vLLM binds them on a CPU)."""
+def pin_vllm(server: subprocess.Popen) -> None:
+    """Move vLLM's own API server and EngineCore off the cores its worker is bound to: the
+    placement our replicas give Serve's processes (serve/cpus.py). The clients (this process)
+    float, as the OS places them: pinned to the other core, they took most of it from the
+    EngineCore."""
     import psutil
 
-    cores: set[int] = set()
+    family = {server.pid: "api server"}
     for process in psutil.Process(server.pid).children(recursive=True):
         try:
-            if process.name().startswith("VLLM::Worker"):
-                cores |= os.sched_getaffinity(process.pid)
-        except (psutil.Error, OSError):
+            family[process.pid] = process.name()
+        except psutil.Error:
             pass
-    return cores
-
-
-def keep_off(cores: set[int], pids: list[int]) -> None:
-    """Move every thread of each process to the machine's cores outside `cores`."""
-    free = set(range(os.cpu_count() or 1)) - cores
-    for pid in pids:
-        try:
-            for thread in os.listdir(f"/proc/{pid}/task"):
-                os.sched_setaffinity(int(thread), free)
-        except (OSError, ValueError):
-            pass
-
-
-def pin_vllm(server: subprocess.Popen) -> None:
-    """Move vLLM's own API server and EngineCore off its worker's cores: the placement our
-    replicas give Serve's processes (serve/cpus.py). The clients (this process) float, as the
-    OS places them: pinned to the other core, they took most of it from the EngineCore."""
-    import psutil
-
-    busy = worker_cores(server)
-    if not busy or not set(range(os.cpu_count() or 1)) - busy:
-        return
-    family = [server.pid, *(p.pid for p in psutil.Process(server.pid).children(recursive=True))]
-    keep_off(busy, [pid for pid in family
-                    if not psutil.Process(pid).name().startswith("VLLM::Worker")])
+    workers = [pid for pid, name in family.items() if name.startswith("VLLM::Worker")]
+    busy = set().union(*(os.sched_getaffinity(pid) for pid in workers))
+    free = set(range(os.cpu_count() or 1)) - busy
+    if busy and free:
+        move_threads([pid for pid in family if pid not in workers], free)
 
 
 def measure(server: subprocess.Popen, urls: dict[str, str], args: argparse.Namespace,

@@ -98,11 +98,16 @@ def keep_off_worker_cores(busy: set[int]) -> int:
             titles.append((process.pid, process.name()))
         except psutil.Error:
             pass
+    return move_threads(to_move(titles), free)
+
+
+def move_threads(pids: Iterable[int], cores: set[int]) -> int:
+    """Put every thread of each process on `cores`; returns how many processes moved."""
     moved = 0
-    for pid in to_move(titles):
+    for pid in pids:
         try:
             for thread in os.listdir(f"/proc/{pid}/task"):
-                os.sched_setaffinity(int(thread), free)
+                os.sched_setaffinity(int(thread), cores)
             moved += 1
         except (OSError, ValueError):  # gone meanwhile, or not ours to move
             pass

@@ -49,7 +49,7 @@ def server(tiny_policy_dir, tmp_path_factory):
     family = psutil.Process(process.pid).children(recursive=True)
     rest = ctrl_c(process)
     assert process.returncode == 0, rest[-3000:]
-    gone, alive = psutil.wait_procs([p for p in family if name(p) == "haproxy"], timeout=30)
+    _, alive = psutil.wait_procs([p for p in family if name(p) == "haproxy"], timeout=30)
     assert not alive, f"HAProxy still running after the server stopped: {alive}"
 
 
@@ -60,9 +60,9 @@ def name(process: psutil.Process) -> str:
         return ""
 
 
-def chat(url: str, **fields) -> httpx.Response:
+def chat(url: str) -> httpx.Response:
     return httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-        "model": "sft", "messages": QUESTION, "max_tokens": 8, "temperature": 0, **fields})
+        "model": "sft", "messages": QUESTION, "max_tokens": 8, "temperature": 0})
 
 
 def long_stream(url: str) -> dict:
@@ -107,21 +107,26 @@ def test_a_stream_comes_in_pieces_and_overload_is_refused_with_503(server, prefi
 
 
 def test_a_client_that_goes_away_lets_its_request_go(server):
+    """Had the replica not seen the client go, it would have written all 300 tokens (a second or
+    two here) and counted them as generated."""
     url, _ = server
+    stage = f"{url}/base"
+    generated = metric(stage, "rlhf_ray_generation_tokens_total", "base")
     body = {"model": "base", "prompt": "Once upon a time", "max_tokens": 300, "min_tokens": 300,
             "stream": True}
-    with httpx.stream("POST", f"{url}/base/v1/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", f"{stage}/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
         next(response.iter_lines())  # the first chunk; then the client goes away
     deadline = time.monotonic() + 30
-    while in_flight(f"{url}/base", "base") and time.monotonic() < deadline:
+    while metric(stage, "rlhf_ray_requests_in_flight", "base") and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert in_flight(f"{url}/base", "base") == 0
-    assert long_stream(f"{url}/base")["status"] == 200  # the stage's one slot is free again
+    assert metric(stage, "rlhf_ray_requests_in_flight", "base") == 0
+    assert metric(stage, "rlhf_ray_generation_tokens_total", "base") == generated
+    assert long_stream(stage)["status"] == 200  # the stage's one slot is free again
 
 
-def in_flight(url: str, model: str) -> float:
+def metric(url: str, name: str, model: str) -> float:
+    """A figure of the server's /metrics for one model (0 before it was first counted)."""
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
-    line = next(line for line in metrics.splitlines()
-                if line.startswith(f'rlhf_ray_requests_in_flight{{model="{model}"}}'))
-    return float(line.split()[-1])
-
+    lines = [line for line in metrics.splitlines() if line.startswith(f'{name}{{model="{model}"}}')]
+    return float(lines[0].split()[-1]) if lines else 0.0
