@@ -13,12 +13,13 @@ from pathlib import Path
 from rlhf_ray.cli import add_overrides, exit_on_failure, run_command
 from rlhf_ray.cluster import in_ray_job
 from rlhf_ray.config import ConfigError, RunConfig, load_config
-from rlhf_ray.run import STAGES
+from rlhf_ray.console import capture
+from rlhf_ray.run import STAGES, RunFolder
 
 
 def parse_config(argv: list[str], description: str, stage: bool = False
-                 ) -> tuple[str, RunConfig, str | None]:
-    """(the stage, or "pipeline"; the config; the pipeline's last stage)."""
+                 ) -> tuple[str, RunConfig, str | None, bool]:
+    """(the stage, or "pipeline"; the config; the pipeline's last stage; --verbose)."""
     parser = argparse.ArgumentParser(description=description)
     names = [s.name for s in STAGES]
     if stage:
@@ -36,13 +37,15 @@ def parse_config(argv: list[str], description: str, stage: bool = False
             "working_dir: the run would be lost when the job ends, invisible to other nodes, and "
             "a resubmission could not resume it. Give an absolute path on storage every node "
             "shares, e.g. --set runs_dir=/mnt/shared/runs")
-    return (args.stage if stage else "pipeline"), cfg, getattr(args, "until", None)
+    return (args.stage if stage else "pipeline"), cfg, getattr(args, "until", None), args.verbose
 
 
 def run_job(argv: list[str], description: str, stage: bool = False) -> None:
     """Run the command; a failure prints one clear line and exits non-zero (the job FAILS)."""
     with exit_on_failure("rlhf-ray job", "the job"):
-        command, cfg, until = parse_config(argv, description, stage)
-        print(f"rlhf-ray job: {command} of run {cfg.name!r} -> {cfg.run_dir.resolve()}", flush=True)
-        run_command(command, cfg, until)
+        command, cfg, until, verbose = parse_config(argv, description, stage)
+        print(f"rlhf-ray job: {command} of run {cfg.name!r} -> {cfg.run_dir.resolve()}; Ray's "
+              f"and vLLM's logs in {RunFolder(cfg.run_dir).logs}", flush=True)
+        with capture(RunFolder(cfg.run_dir).logs, verbose):
+            run_command(command, cfg, until)
     print("rlhf-ray job: done", flush=True)

@@ -12,12 +12,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rlhf_ray.config import ConfigError, RunConfig, load_config
+from rlhf_ray.console import capture, say
 from rlhf_ray.run import CHAT_MODELS, STAGES, RunFolder
+from rlhf_ray.run import stage as stage_named
 
 
 def add_overrides(parser: argparse.ArgumentParser, example: str = "pretrain.steps=10") -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override one setting, e.g. --set {example} (repeatable)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show everything Ray and vLLM print, live (it always goes to "
+                        "<run>/logs/driver.log)")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="longest RL prompt (default: whatever the context leaves)")
     talk = commands.add_parser("chat", help="chat in the terminal with a running server's model")
     talk.add_argument("--url", default="http://127.0.0.1:8000", help="the server (rlhf-ray serve)")
-    talk.add_argument("--model", default=CHAT_MODELS[-1], help=", ".join(CHAT_MODELS))
+    talk.add_argument("--model", default=stage_named("ppo").folder, help=", ".join(CHAT_MODELS))
     talk.add_argument("--api-key", default=os.environ.get("RLHF_RAY_API_KEY"),
                       help="the server's key (default: $RLHF_RAY_API_KEY)")
     talk.add_argument("--temperature", type=float, default=0.7)
@@ -94,8 +99,8 @@ def serve_run(args: argparse.Namespace) -> None:
     url = start(run_dir, cfg)
     print_urls(url, served_models(run_dir, cfg), run_dir)
     if joins_cluster(cfg.cluster):  # the app lives on in the cluster, like `serve deploy`
-        print("rlhf-ray: deployed; it serves until `serve shutdown`. Run this command again to "
-              "roll out changed stage folders.", flush=True)
+        say("rlhf-ray: deployed; it serves until `serve shutdown`. Run this command again to "
+            "roll out changed stage folders.")
         return
     wait_for_ctrl_c()
 
@@ -112,18 +117,18 @@ def wait_for_ctrl_c(until: Callable[[], bool] | None = None) -> None:
     try:
         while until is None or not until():
             time.sleep(3600 if until is None else 2)
-        print("rlhf-ray: done; stopping the server", flush=True)
+        say("rlhf-ray: done; stopping the server")
     except KeyboardInterrupt:
-        print("rlhf-ray: stopping the server", flush=True)
+        say("rlhf-ray: stopping the server")
     ray_serve.shutdown()
 
 
 def print_urls(url: str, models: list[str], run_dir: object) -> None:
     own = ", ".join(f"{url}/{m}/v1" for m in models if m in CHAT_MODELS)
-    print(f"rlhf-ray: serving {', '.join(models)} from {run_dir}\n"
-          f"  API: {url}/v1  (models: GET {url}/v1/models; OpenAI clients: base_url={url}/v1)\n"
-          f"  each stage alone, one hop fewer: {own}\n"
-          f"  chat page: {url}/", flush=True)
+    say(f"rlhf-ray: serving {', '.join(models)} from {run_dir}\n"
+        f"  API: {url}/v1  (models: GET {url}/v1/models; OpenAI clients: base_url={url}/v1)\n"
+        f"  each stage alone, one hop fewer: {own}\n"
+        f"  chat page: {url}/")
 
 
 def run_demo(cfg: RunConfig, serve: bool) -> None:
@@ -133,9 +138,9 @@ def run_demo(cfg: RunConfig, serve: bool) -> None:
     started = time.perf_counter()
     run_dir = pipeline.run_pipeline(cfg)
     run = RunFolder(run_dir)
-    print("\n" + run.report.read_text(encoding="utf-8"), flush=True)
-    print(f"rlhf-ray: demo done in {time.perf_counter() - started:.0f}s; report {run.report}, "
-          f"training curves {run.plots / 'training_curves.png'}", flush=True)
+    say("\n" + run.report.read_text(encoding="utf-8"))
+    say(f"rlhf-ray: demo done in {time.perf_counter() - started:.0f}s; report {run.report}, "
+        f"training curves {run.plots / 'training_curves.png'}, full log {run.logs / 'driver.log'}")
     if serve:
         from serve.run import served_models, start
 
@@ -145,13 +150,14 @@ def run_demo(cfg: RunConfig, serve: bool) -> None:
 
 def run_command(command: str, cfg: RunConfig, until: str | None = None) -> None:
     """`config`, `pipeline` (up to `until`), or one stage by name (rlhf_ray.run.STAGES)."""
-    from rlhf_ray import pipeline
-
-    if command == "config":
+    if command == "config":  # no torch, Ray or transformers to import for this one: it is instant
         import yaml
 
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
-    elif command == "pipeline":
+        return
+    from rlhf_ray import pipeline
+
+    if command == "pipeline":
         pipeline.run_pipeline(cfg, until or STAGES[-1].name)
     else:
         pipeline.run_stage(cfg, command)
@@ -170,8 +176,8 @@ def collect_and_rank(cfg: RunConfig) -> None:
     from serve.run import start
 
     url = start(cfg.run_dir, cfg, chat=False)
-    print(f"rlhf-ray: rank the samples at {url}/rank/ ({store.progress()['remaining']} prompts "
-          f"left); records go to {store.rankings_path}", flush=True)
+    say(f"rlhf-ray: rank the samples at {url}/rank/ ({store.progress()['remaining']} prompts "
+        f"left); records go to {store.rankings_path}")
     if joins_cluster(cfg.cluster):
         return
     said = [store.progress()["ranked"]]
@@ -207,24 +213,31 @@ def exit_on_failure(prefix: str, command: str) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     with exit_on_failure("rlhf-ray", args.command):
-        if args.command == "serve":
-            serve_run(args)
-        elif args.command == "chat":
+        if args.command == "chat":
             from serve.chat import chat
 
             chat(args.url, args.model, args.api_key, args.temperature, args.max_tokens)
-        elif getattr(args, "run", None) is not None:  # a stage of a finished run: eval, report
-            run_command(args.command, load_run(args.run, args.overrides))
-        elif args.command == "demo":
-            run_demo(load_config(args.config, args.overrides), args.serve)
         elif args.command == "plan":
             from rlhf_ray.plan import format_plan, plan_run
 
             cfg = load_config(args.config, args.overrides)
             print(format_plan(plan_run(cfg, args.gpu_memory_gb, args.prompt_tokens)))
+        elif args.command == "config":
+            run_command(args.command, load_config(args.config, args.overrides))
+        elif args.command == "serve":
+            with capture(RunFolder(Path(args.run)).logs, args.verbose):
+                serve_run(args)
+        elif getattr(args, "run", None) is not None:  # a stage of a finished run: eval, report
+            cfg = load_run(args.run, args.overrides)
+            with capture(RunFolder(cfg.run_dir).logs, args.verbose):
+                run_command(args.command, cfg)
         else:
-            run_command(args.command, load_config(args.config, args.overrides),
-                        getattr(args, "until", None))
+            cfg = load_config(args.config, args.overrides)
+            with capture(RunFolder(cfg.run_dir).logs, args.verbose):
+                if args.command == "demo":
+                    run_demo(cfg, args.serve)
+                else:
+                    run_command(args.command, cfg, getattr(args, "until", None))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,41 @@ class ResourcesError(RuntimeError):
     """The cluster cannot (or did not in time) provide the resources a stage asks for."""
 
 
+class NoCudaError(ResourcesError):
+    """Ray gave work a GPU on a node where torch finds no usable CUDA device."""
+
+
+def no_cuda_reason(what: str, gpu_ids: list, cuda_available: bool, node: str,
+                   torch_cuda: str | None) -> str | None:
+    """Why `what`, given `gpu_ids` by Ray on `node`, must not run there, or None when it may: a
+    node that advertises a GPU torch cannot use (a CPU build of torch, no driver, a declared-only
+    GPU) would otherwise run the work on the CPU silently or fail deep inside NCCL or CUDA."""
+    if not gpu_ids or cuda_available:
+        return None
+    build = "a CPU-only build" if torch_cuda is None else f"built for CUDA {torch_cuda}"
+    return (f"{what} was given GPU {', '.join(map(str, gpu_ids))} by Ray on node {node}, but that "
+            f"node has no usable CUDA device (torch.cuda.is_available() is False; torch there is "
+            f"{build}): refusing to run it on the CPU; install a CUDA build of torch and a driver "
+            "on that node type, or stop asking this stage for GPUs")
+
+
+def require_cuda(what: str) -> None:
+    """Refuse (NoCudaError) to run `what` in this Ray worker when Ray gave it GPUs but torch here
+    cannot use CUDA. Does nothing outside Ray or without GPUs. Whatever Ray may give a GPU calls
+    it first: Ray Train's workers (train/ray_stage.py), the PPO roles and rollout engines, the
+    serve replicas' engines and the eval task."""
+    if not ray.is_initialized():
+        return
+    import torch
+
+    context = ray.get_runtime_context()
+    node = f"{context.get_node_id()} ({ray.util.get_node_ip_address()})"
+    reason = no_cuda_reason(what, ray.get_gpu_ids(), torch.cuda.is_available(), node,
+                            torch.version.cuda)
+    if reason:
+        raise NoCudaError(reason)
+
+
 def joins_cluster(cluster: ClusterConfig) -> bool:
     """Whether this run joins an existing cluster (which may autoscale) rather than starting one."""
     return cluster.address is not None or "RAY_ADDRESS" in os.environ
@@ -62,7 +97,9 @@ def connect(cluster: ClusterConfig) -> None:
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address is None:
         os.environ.update(serve_ingress_env(cluster.serve_ingress))  # the raylet passes it on
-        ray.init(num_cpus=cluster.num_cpus, log_to_driver=True)
+        # "local": a Ray of its own, even where another one runs on this machine (`ray start`
+        # leaves its address where a plain ray.init() would join it instead).
+        ray.init(address="local", num_cpus=cluster.num_cpus, log_to_driver=True)
     else:
         ray.init(address=address, log_to_driver=True)
 

@@ -216,6 +216,26 @@ class RewardConfig(TrainStage):
     """batch_size and micro_batch_size count comparisons; all pairs of one go in the same batch."""
 
 
+class DPOConfig(TrainStage):
+    """Direct preference optimisation: sft/ trained on the reward model's comparisons (data.reward
+    and compare/'s rankings, every pair of a ranking) against sft/ itself, frozen, as the
+    reference; no reward model, no sampling. batch_size and micro_batch_size count comparisons;
+    all pairs of one go in the same batch."""
+
+    beta: float = Field(
+        0.1, gt=0, description="How far the policy may move from the reference: the implicit "
+        "reward is beta * log(pi / ref). Smaller lets it move further (sigmoid); for ipo the "
+        "log-ratio margin is pulled toward 1 / (2 beta).",
+    )
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid: DPO's -log sigmoid(beta * margin) (Rafailov et al. "
+        "2023). ipo: (margin - 1/(2 beta))^2 (Azar et al. 2023), which stops at a finite margin "
+        "instead of pushing the rejected response's probability toward zero.",
+    )
+    optim: Optim = Field(default_factory=lambda: Optim(lr=1e-5), description="Optimizer and "
+                         "schedule (a small lr: DPO starts from a trained model).")
+
+
 class KVCacheConfig(Section):
     """The KV cache a vLLM engine reserves. By default exactly what its concurrent sequences need:
     sequences x context (in whole blocks of 128 tokens) x layers x 2 (K and V) x KV heads x head
@@ -618,6 +638,53 @@ class ClusterConfig(Section):
     )
 
 
+# --------------------------------------------------------------------------- experiment tracking
+
+
+class MLflowConfig(Section):
+    """Where MLflow keeps the run (`pip install 'rlhf-ray[mlflow]'`)."""
+
+    tracking_uri: str = Field(
+        ..., description="The MLflow tracking server ('http://mlflow:5000') or store ('file:///...', "
+        "'sqlite:///mlflow.db'), as mlflow.set_tracking_uri takes it.",
+    )
+    experiment: str = Field("rlhf-ray", description="The experiment; created if it does not exist.")
+    log_models: bool = Field(
+        False, description="Also upload each stage's final Hugging Face folder as the stage run's "
+        "artifacts (large for real models).",
+    )
+
+
+class WandbConfig(Section):
+    """Where Weights & Biases keeps the run (`pip install 'rlhf-ray[wandb]'`)."""
+
+    project: str = Field("rlhf-ray", description="The W&B project.")
+    entity: str | None = Field(None, description="The W&B team or user (None: the default one).")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="'offline' writes the run under <run>/wandb/ for `wandb sync` later; "
+        "'online' needs WANDB_API_KEY (or `wandb login`).",
+    )
+
+
+class TrackingConfig(Section):
+    """Where each stage's metrics go besides metrics/<stage>.jsonl, under the same names. The
+    driver forwards each row as the stage writes it; a tracker that fails is warned about once
+    and left off, and the training goes on (the JSONL stays complete)."""
+
+    tensorboard: bool = Field(
+        True, description="TensorBoard event files under <run>/tensorboard/<stage>/ "
+        "(`tensorboard --logdir runs/<name>/tensorboard`).",
+    )
+    mlflow: MLflowConfig | None = Field(
+        None, description="An MLflow run named after the run folder (the config as its params), "
+        "one child run per stage with its metrics. null: no MLflow.",
+    )
+    wandb: WandbConfig | None = Field(
+        None, description="One W&B run per stage, grouped by the run folder's name, the config "
+        "as its config. null: no W&B.",
+    )
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -637,6 +704,10 @@ class RunConfig(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Stage 2.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Stage 3a.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="Stage 3b.")
+    dpo: DPOConfig | None = Field(
+        None, description="DPO from sft/ on the comparisons (`rlhf-ray dpo`, run by the pipeline "
+        "after PPO): the alternative to reward model + PPO, output dpo/. null: not run.",
+    )
     evaluation: EvalConfig = Field(
         default_factory=EvalConfig, description="The evaluation across stages (rlhf-ray eval)."
     )
@@ -645,6 +716,10 @@ class RunConfig(Section):
         "run by the pipeline between SFT and the reward model). null: data.reward only.",
     )
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve endpoints.")
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="TensorBoard, MLflow, W&B: where metrics go "
+        "besides the JSONL files.",
+    )
 
     @property
     def run_dir(self) -> Path:

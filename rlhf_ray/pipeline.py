@@ -12,18 +12,21 @@ from pathlib import Path
 
 from rlhf_ray.cluster import connect
 from rlhf_ray.config import RunConfig, save_config
+from rlhf_ray.console import detail, say
 from rlhf_ray.data.shards import write_shards
 from rlhf_ray.data.demo import write_demo_data
 from rlhf_ray.data.readers import RecordError, read_many
 from rlhf_ray.data.records import TextRecord
-from rlhf_ray.run import DEMO_FILES, RECORD_KINDS, STAGES, RunFolder, data_files, stage, stages_until
+from rlhf_ray.run import (DEMO_FILES, RECORD_KINDS, STAGES, RunFolder, data_files, read_metrics, stage,
+                          stages_until)
 from rlhf_ray.storage import atomic_folder
 from rlhf_ray.train import stages
 from rlhf_ray.tokenizer import BPETokenizer, ChatTokenizer, load_tokenizer, train_bpe
+from rlhf_ray.watch import watch_stage
 
 
 def log(stage: str, message: str) -> None:
-    print(f"[{stage}] {message}", flush=True)
+    say(f"[{stage}] {message}")
 
 
 def prepare_run(cfg: RunConfig) -> Path:
@@ -164,7 +167,7 @@ def make_shards(cfg: RunConfig) -> None:
 
 
 def train_model(cfg: RunConfig, stage: str) -> None:
-    """Pretraining, SFT or reward training on Ray Train; skipped when its folder is complete."""
+    """Pretraining, SFT, reward or DPO training on Ray Train; skipped when its folder is complete."""
     out = RunFolder(cfg.run_dir).output(stage)
     if out.exists():
         log(stage, f"{out} exists, skipped")
@@ -180,10 +183,11 @@ def train_model(cfg: RunConfig, stage: str) -> None:
         task = stages.sft_task(cfg, data_files(cfg))
     else:
         files = reward_files(cfg)
-        task = stages.reward_task(cfg, files)
+        task = stages.reward_task(cfg, files) if stage == "reward" else stages.dpo_task(cfg, files)
         log(stage, f"{len(task.groups)} comparisons from {', '.join(p.name for p in files['reward'])}")
     start = time.perf_counter()
-    metrics = stages.train_stage(task, cfg)
+    with watch_stage(cfg, stage):
+        metrics = stages.train_stage(task, cfg)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(("loss", "eval")))
     log(stage, f"done in {time.perf_counter() - start:.0f}s ({summary}) -> {out}")
 
@@ -199,8 +203,20 @@ def train_rlhf(cfg: RunConfig) -> None:
 
     files = data_files(cfg)
     start = time.perf_counter()
-    run_ppo(cfg, files["rl"], files["rl_eval"], log=lambda message: log("ppo", message))
-    log("ppo", f"done in {time.perf_counter() - start:.0f}s -> {out}")
+    with watch_stage(cfg, "ppo"):
+        run_ppo(cfg, files["rl"], files["rl_eval"], log=lambda message: log("ppo", message),
+                log_step=lambda message: detail(f"[ppo] {message}"))
+    log("ppo", f"done in {time.perf_counter() - start:.0f}s ({ppo_summary(cfg)}) -> {out}")
+
+
+def ppo_summary(cfg: RunConfig) -> str:
+    """The held-out reward and KL before and after PPO, from its metrics."""
+    rows = [r for r in read_metrics(RunFolder(cfg.run_dir).metrics("ppo")) if "eval_reward_greedy" in r]
+    if not rows:
+        return "no held-out evaluation"
+    first, last = rows[0], rows[-1]
+    return (f"held-out greedy reward {first['eval_reward_greedy']:.3f} -> "
+            f"{last['eval_reward_greedy']:.3f}, KL {last['eval_kl']:.3f}")
 
 
 def pretrain(cfg: RunConfig) -> None:
@@ -217,6 +233,20 @@ def reward(cfg: RunConfig) -> None:
 
 def ppo(cfg: RunConfig) -> None:
     train_rlhf(cfg)
+
+
+def dpo(cfg: RunConfig) -> None:
+    """DPO when the config has a dpo section; the pipeline passes over it otherwise."""
+    if cfg.dpo is None:
+        detail("[dpo] not configured (no dpo section), skipped")
+        return
+    train_model(cfg, "dpo")
+
+
+def dpo_alone(cfg: RunConfig) -> None:
+    """`rlhf-ray dpo`: a config without a dpo section is an error rather than nothing to do."""
+    stages.require_dpo(cfg)
+    train_model(cfg, "dpo")
 
 
 def make_data(cfg: RunConfig) -> None:

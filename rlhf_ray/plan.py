@@ -60,10 +60,12 @@ from rlhf_ray.memory import (
     shape_from_folder,
 )
 from rlhf_ray.run import CHAT_MODELS, REWARD_MODEL
+from rlhf_ray.run import stage as stage_named
 from rlhf_ray.tokenizer import load_tokenizer
 
 TRAINED_ROLES = ("policy", "value")  # PPO's worker groups; reference and reward are replicas
 MOST_ACTORS = 1024  # the largest worker group or replica set a hint looks for
+DPO = stage_named("dpo").folder  # served only when the config trains it
 
 
 class PlanError(ValueError):
@@ -366,7 +368,8 @@ def serve_stage(cfg: RunConfig, s: ModelShape, gpu: float) -> StagePlan:
     sv = cfg.serve
     base = CHAT_MODELS[0]  # a pretrained run has no base/ of its own
     chat = [st for st in sv.stages if st in CHAT_MODELS
-            and not (st == base and cfg.model.pretrained and base not in sv.folders)]
+            and not (st == base and cfg.model.pretrained and base not in sv.folders)
+            and not (st == DPO and cfg.dpo is None and DPO not in sv.folders)]
     on_gpu, replicas = bool(sv.gpus_per_replica), len(chat) * sv.max_replicas
     bundle = f"{replicas} x {_bundle(sv.cpus_per_replica, sv.gpus_per_replica)}"
     roles = [_vllm(f"{'/'.join(chat)} replica", bundle, sv.gpus_per_replica, s, count_params(s),
@@ -424,6 +427,9 @@ def plan_run(cfg: RunConfig, gpu_memory_gb: float = 80.0, prompt_tokens: int | N
                ppo_stage(cfg, s, gpu, prompt_tokens)]
     if cfg.compare is not None:  # pipeline.py: between SFT and the reward model
         stages.insert(-2, compare_stage(cfg, s, gpu, prompt_tokens))
+    if cfg.dpo is not None:  # two responses a comparison, like the reward model; the reference
+        # (sft/) is loaded only before the first step, to compute its log-probabilities once
+        stages.append(train_stage("dpo", cfg.dpo, s, lm, cfg.model.max_seq_len, gpu, 2))
     serve = serve_stage(cfg, s, gpu)
     return Plan(s, lm, gpu_memory_gb, stages + [serve], max(st.gpus for st in stages), serve.gpus)
 

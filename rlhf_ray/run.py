@@ -4,9 +4,13 @@
     runs/<name>/data/                  the generated demo records (data.demo); data/tokens/: shards
     runs/<name>/tokenizer/             stage 0
     runs/<name>/base/ sft/ reward/ rlhf/   stages 1, 2, 3a, 3b: Hugging Face folders
+    runs/<name>/dpo/                   DPO from sft/ on the comparisons (when configured)
     runs/<name>/compare/               SFT samples and their rankings (reward-model data)
     runs/<name>/checkpoints/<stage>/   resumable state
     runs/<name>/metrics/<stage>.jsonl  one JSON object per step
+    runs/<name>/tensorboard/<stage>/   the same metrics as TensorBoard event files
+    runs/<name>/logs/                  everything Ray, vLLM and the stages printed (driver.log)
+    runs/<name>/wandb/                 W&B's runs, when tracking.wandb is set
     runs/<name>/eval/                  the evaluation across stages: stages.json, .md, .png
     runs/<name>/report.md, plots/      the run's report
 
@@ -55,7 +59,9 @@ class Stage:
     records: tuple[str, ...] = ()  # the record kinds it reads, validated before it starts
     first: tuple[str, ...] = ()  # cheap stages run first when it is run alone
     needs: tuple[str, ...] = ()  # stages whose output it starts from
-    metrics: bool = False  # it writes metrics/<name>.jsonl
+    metrics: bool = False  # it writes metrics/<name>.jsonl, one row per step of cfg.<name>.steps
+    # The metrics its progress line shows: what it optimises, and how fast it goes.
+    shows: tuple[str, str] = ("loss", "tokens_per_s")
     alone: str | None = None  # "module:function(cfg)" instead of `task` when run on its own
     on_run: bool = False  # its command takes a finished run folder (--run) rather than a config
     serves: Literal["document", "chat", "score"] | None = None  # how Serve exposes its model
@@ -83,10 +89,14 @@ STAGES: tuple[Stage, ...] = (
           "reward", records=("reward", "reward_eval"), needs=("sft",), metrics=True, serves="score"),
     Stage("ppo", "stage 3b: PPO sft/ -> rlhf/ against the reward, on Ray actors with vLLM",
           "rlhf_ray.pipeline:ppo", "rlhf", records=("rl", "rl_eval"), needs=("sft", "reward"),
-          metrics=True, serves="chat"),
-    Stage("eval", "evaluate base (0/1/3/5-shot), SFT and RLHF on held-out questions: "
+          metrics=True, serves="chat", shows=("reward_mean", "rollout_tokens_per_s")),
+    Stage("dpo", "DPO sft/ -> dpo/ on the comparisons, on Ray Train (the alternative to 3a + 3b; "
+          "runs when the config has a dpo section)", "rlhf_ray.pipeline:dpo", "dpo",
+          records=("reward", "reward_eval"), needs=("sft",), metrics=True, serves="chat",
+          alone="rlhf_ray.pipeline:dpo_alone"),
+    Stage("eval", "evaluate base (0/1/3/5-shot), SFT, RLHF (and DPO) on held-out questions: "
           "<run>/eval/stages.{md,json,png}", "rlhf_ray.pipeline:evaluate", "eval",
-          records=("rl_eval", "sft"), needs=("pretrain", "sft", "ppo"), on_run=True,
+          records=("rl_eval", "sft"), needs=("pretrain", "sft", "ppo", "dpo"), on_run=True,
           alone="rlhf_ray.pipeline:evaluate_again"),
     Stage("report", "write <run>/report.md: each stage's curves and numbers, and the evaluation "
           "across stages", "rlhf_ray.pipeline:report", "report.md", needs=("eval",), on_run=True),
@@ -147,6 +157,21 @@ class RunFolder:
             raise ValueError(f"stage {name!r} writes no metrics")
         return self.root / "metrics" / f"{name}.jsonl"
 
+    def tensorboard(self, name: str) -> Path:
+        """The TensorBoard event files of stage `name` (the same rows as its metrics file)."""
+        self.metrics(name)  # only a stage that writes metrics has them
+        return self.root / "tensorboard" / name
+
+    @property
+    def wandb(self) -> Path:
+        """W&B's runs (offline ones wait here for `wandb sync`)."""
+        return self.root / "wandb"
+
+    @property
+    def logs(self) -> Path:
+        """What Ray, vLLM and the stages printed, when the console shows only progress."""
+        return self.root / "logs"
+
     def checkpoints(self, name: str | None = None) -> Path:
         """Ray Train's storage for all training stages (None), or PPO's own (`ppo`)."""
         return self.root / "checkpoints" / (name or "")
@@ -196,6 +221,15 @@ def data_files(cfg: Any) -> dict[str, list[Path]]:
 def base_model(cfg: Any) -> Path:
     """The model SFT starts from: model.pretrained when given, else this run's base/."""
     return cfg.model.pretrained or RunFolder(cfg.run_dir).output("pretrain")
+
+
+def steps_of(cfg: Any, name: str) -> int:
+    """How many steps (rows of its metrics file) stage `name` runs: its section's `steps`."""
+    stage(name)
+    section = getattr(cfg, name)
+    if section is None:  # an optional stage (dpo) left out of the config never runs
+        raise ValueError(f"stage {name!r} is not configured: add a `{name}:` section to the config")
+    return section.steps
 
 
 def append_metrics(path: Path | None, row: dict[str, Any]) -> None:

@@ -2,7 +2,8 @@
 
 The questions are rl_eval prompts about countries SFT never saw, each with a reference answer. The
 base model gets the bare question as a document (as a user would try it) or k worked "Q:/A:"
-examples from the SFT data first; SFT and RLHF get it as a user turn. Greedy, 48 new tokens.
+examples from the SFT data first; SFT, RLHF and DPO (when the run has it) get it as a user turn.
+Greedy, 48 new tokens.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from rlhf_ray.evaluate import generate_greedy
 from rlhf_ray.modeling import load_policy, load_scalar_model, pad, score_conversations
 from rlhf_ray.prompting import exact_match, few_shot_document, prompt_ids
 from rlhf_ray.run import CHAT_MODELS, REWARD_MODEL, RunFolder, base_model, data_files, serves_as
+from rlhf_ray.run import stage as stage_named
 from rlhf_ray.storage import write_json_atomic, write_text_atomic
 from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer
 
 MAX_NEW_TOKENS = 48
 SHOTS = (0, 1, 3, 5)
-BASE, *CHATS = CHAT_MODELS  # the base model, then the chat models (sft, rlhf)
-SFT, RLHF = CHATS
+BASE, *CHATS = CHAT_MODELS  # the base model, then the chat models (sft, rlhf, dpo)
+SFT = CHATS[0]
+RLHF, DPO = stage_named("ppo").folder, stage_named("dpo").folder  # both tuned from SFT
 
 
 def shots(k: int) -> str:
@@ -175,7 +178,10 @@ def check_claims(variants: dict[str, dict]) -> list[dict]:
         claim("RLHF raises the reward model's score over SFT", get(RLHF, "reward"), ">",
               get(SFT, "reward")),
         claim("without losing exact match", get(RLHF, "exact_match"), ">=", get(SFT, "exact_match")),
-    ]
+    ] + ([  # DPO, when the run has it, on the same two counts
+        claim("DPO raises the reward model's score over SFT", get(DPO, "reward"), ">", get(SFT, "reward")),
+        claim("DPO keeps SFT's exact match", get(DPO, "exact_match"), ">=", get(SFT, "exact_match")),
+    ] if DPO in variants else [])
 
 
 def markdown(name: str, result: dict) -> str:
@@ -189,8 +195,8 @@ def markdown(name: str, result: dict) -> str:
              "countries out of SFT), greedy, "
              f"{MAX_NEW_TOKENS} new tokens. The base model gets the bare question as a document, or "
              "k worked examples `Q: question\\nA: answer` from the SFT data before `Q: question\\nA:`; "
-             "its reply is its continuation up to the first newline. SFT and RLHF get the question "
-             "as a user turn.", "",
+             "its reply is its continuation up to the first newline. SFT, RLHF and DPO get the "
+             "question as a user turn.", "",
              "| model | exact match | RM score | KL to SFT | length (tokens) | answers |",
              "|---|---:|---:|---:|---:|---:|"]
     for v in result["variants"]:
@@ -199,7 +205,8 @@ def markdown(name: str, result: dict) -> str:
         lines.append(f"| {v['name']} | " + " | ".join(cells) + " |")
     lines += [f"| {n} | skipped: {why} | | | | |" for n, why in result["skipped"].items()]
     lines += ["", f"Exact match: the reference answer appears verbatim in the reply. {ANSWERS_RULE} "
-              "KL to SFT: per reply, the summed per-token KL(RLHF ‖ SFT) along RLHF's own reply.", "",
+              "KL to SFT: per reply, the summed per-token KL(model ‖ SFT) along the model's own "
+              "reply.", "",
               "The talk's claims, checked:", ""]
     lines += [f"- {c['claim']}: **{verdict[c['holds']]}** ({c['detail']})" for c in result["claims"]]
     return "\n".join(lines + ["", "![stages](stages.png)", ""])
@@ -246,12 +253,19 @@ def base_variants(folder: Path, questions: list[str], examples: list[tuple[str, 
     return replies, lengths
 
 
+def evaluated_chats(cfg: RunConfig) -> list[str]:
+    """The chat models to evaluate: SFT, RLHF, and DPO when configured or there."""
+    dpo_there = has_model(RunFolder(cfg.run_dir).model(DPO))
+    return [c for c in CHATS if c != DPO or cfg.dpo is not None or dpo_there]
+
+
 def chat_variants(run_dir: Path, records: list[PromptRecord], log: Callable[[str], None],
-                  skipped: dict[str, str]) -> tuple[dict, dict, dict[str, list[float]]]:
-    """SFT's and RLHF's replies and token counts (each model loaded once), and their KL to SFT,
-    measured along RLHF's own replies."""
+                  skipped: dict[str, str], chats: list[str] = CHATS
+                  ) -> tuple[dict, dict, dict[str, list[float]]]:
+    """The chat models' replies and token counts (each model loaded once), and their KL to SFT,
+    each measured along the model's own replies."""
     replies, lengths, kl, sft_model = {}, {}, {}, None
-    for stage in CHATS:
+    for stage in chats:
         folder = RunFolder(run_dir).model(stage)
         if not has_model(folder):
             skipped[stage] = f"{folder}: no config.json"
@@ -301,7 +315,7 @@ def evaluate_stages(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
         replies, lengths = base_variants(base, questions, examples, log)
     else:
         skipped |= {shots(k): f"{base}: no config.json" for k in SHOTS}
-    chat, chat_lengths, kl = chat_variants(cfg.run_dir, records, log, skipped)
+    chat, chat_lengths, kl = chat_variants(cfg.run_dir, records, log, skipped, evaluated_chats(cfg))
     replies, lengths = replies | chat, lengths | chat_lengths
     rewards: dict[str, list[float]] = {}
     if has_model(scorer := RunFolder(cfg.run_dir).model(REWARD_MODEL)):
@@ -342,12 +356,15 @@ def run_evaluation(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
     cluster.connect(cfg.cluster)
     if not cluster.joins_cluster(cfg.cluster) and (reason := cluster.why_unplaceable([asked])):
         raise cluster.ResourcesError(f"evaluation.resources asks for {cluster.describe(asked)}{reason}")
-    log(f"evaluating base, sft and rlhf in a Ray task with {cluster.describe(asked)}")
+    log(f"evaluating base, {', '.join(evaluated_chats(cfg))} in a Ray task with {cluster.describe(asked)}")
     task = ray.remote(evaluate_in_task).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
                                                 runtime_env=cluster.ACTOR_ENV)
     return ray.get(task.remote(cfg, cluster.torch_threads(res)))
 
 
 def evaluate_in_task(cfg: RunConfig, threads: int) -> Path:
+    from rlhf_ray.cluster import require_cuda  # as run_evaluation does: Ray only when used
+
+    require_cuda("the eval task")
     torch.set_num_threads(threads)
     return evaluate_stages(cfg, log=lambda message: print(f"[eval] {message}", flush=True))

@@ -24,6 +24,7 @@ from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from rlhf_ray.cluster import require_cuda
 from rlhf_ray.config import KVCacheConfig
 from rlhf_ray.data.records import Message
 from rlhf_ray.memory import check_kv_fits, vllm_memory_args
@@ -79,6 +80,7 @@ class StageEngine:
                  kv_cache: KVCacheConfig | None = None) -> None:
         """`sequences`: what the replica works on at once (serve.max_ongoing_requests), each up
         to the model's context; the KV cache is sized for them (rlhf_ray/memory.py)."""
+        require_cuda(f"serve replica of {stage!r}")
         self.stage, self.folder = stage, Path(folder)
         self.tokenizer = load_tokenizer(self.folder)
         self.max_len = model_max_len(self.folder)

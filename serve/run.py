@@ -27,6 +27,7 @@ from ray.serve.schema import (
 from rlhf_ray.cluster import ResourcesError, bundle, connect, describe, joins_cluster, why_unplaceable
 from rlhf_ray.compare.store import ComparisonStore
 from rlhf_ray.config import RunConfig
+from rlhf_ray.console import say
 from rlhf_ray.plan import check_fits_here
 from rlhf_ray.run import CHAT_MODELS, REWARD_MODEL, RunFolder
 from serve.app import check_servable, folder_config, stage_folders
@@ -143,7 +144,7 @@ def wait_running(names: list[str], timeout_s: float, replica: dict[str, float]) 
             if waited >= timeout_s:
                 raise ResourcesError(f"{message}; gave up after serve.start_timeout_s="
                                      f"{timeout_s:g}")
-            print(f"[serve] {message}", flush=True)
+            say(f"[serve] {message}")
         time.sleep(0.5)
 
 

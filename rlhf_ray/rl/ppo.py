@@ -529,12 +529,13 @@ def progress(step: int, steps: int, m: dict[str, Any], width: int = 20) -> str:
 
 
 def run_ppo(cfg: RunConfig, train_files: list[Path], eval_files: list[Path],
-            log: Log = print) -> Path:
+            log: Log = print, log_step: Log | None = None) -> Path:
     """Run (or resume) PPO to cfg.ppo.steps and export the policy to <run>/rlhf/.
 
     A role worker that dies stops the step; the roles are then recreated from the newest
     checkpoint (up to ppo.role_restarts times), and the steps after it are run again, their
-    earlier metric lines dropped, so each step is in metrics/ppo.jsonl once."""
+    earlier metric lines dropped, so each step is in metrics/ppo.jsonl once. Each step's line
+    goes to `log_step` (by default `log`)."""
     ppo = cfg.ppo
     metrics_path = RunFolder(cfg.run_dir).metrics("ppo")
     restarts_left = ppo.role_restarts
@@ -542,7 +543,7 @@ def run_ppo(cfg: RunConfig, train_files: list[Path], eval_files: list[Path],
     try:
         while True:
             try:
-                run_steps(trainer, metrics_path, log)
+                run_steps(trainer, metrics_path, log_step or log)
                 break
             except Exception as e:
                 # A dead worker surfaces as its own death or as its peers' broken collective.

@@ -30,6 +30,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from rlhf_ray.cluster import require_cuda
 from rlhf_ray.config import Optim, PPOConfig
 from rlhf_ray.modeling import load_policy, load_scalar_model, save_model, sequence_scores
 from rlhf_ray.rl.algorithms import (
@@ -235,6 +236,7 @@ class _Worker:
 
     def __init__(self, device: str | torch.device | None, precision: str, threads: int | None,
                  rank: int, world_size: int, strategy: Strategy) -> None:
+        require_cuda(f"PPO {type(self).__name__} rank {rank}")
         self.device, self.bf16 = _setup(device, precision, threads)
         self.rank, self.world_size, self.strategy = rank, world_size, strategy
         self.model: Any = None  # the Hugging Face model (sharded in place under fsdp)

@@ -26,6 +26,7 @@ from safetensors.torch import save
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
+from rlhf_ray.cluster import require_cuda
 from rlhf_ray.config import KVCacheConfig
 from rlhf_ray.memory import check_kv_fits, vllm_memory_args
 from rlhf_ray.tokenizer import load_tokenizer
@@ -57,6 +58,7 @@ class RolloutEngine:
                  ) -> None:
         # The KV cache holds `sequences` of up to max_model_len tokens at once (rlhf_ray/memory.py).
         # Tensor parallelism runs vLLM's own worker processes over the GPUs Ray gave this engine.
+        require_cuda(role)
         self.stop_ids = list(load_tokenizer(Path(model_dir)).stop_ids)
         if dtype == "auto":  # decided here, on the engine's machine, not on the driver's
             dtype = "bfloat16" if torch.cuda.is_available() else "float32"

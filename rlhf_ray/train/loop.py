@@ -1,4 +1,4 @@
-"""The training loop shared by pretraining, SFT and reward modelling, in plain torch.
+"""The training loop shared by pretraining, SFT, reward modelling and DPO, in plain torch.
 
 It knows nothing of Ray: a `Worker` says who this process is and how to report and checkpoint,
 and a `Task` says what the model, the batches, the loss and the evaluation are. `ray_stage.py`
@@ -47,7 +47,7 @@ Batch = dict[str, torch.Tensor]
 class Task(Protocol):
     """One training stage: what to train, on what, against which objective."""
 
-    name: str  # "pretrain", "sft" or "reward": names the metrics file and the checkpoints
+    name: str  # "pretrain", "sft", "reward" or "dpo": names the metrics file and the checkpoints
     stage: TrainStage
 
     def build_model(self) -> torch.nn.Module: ...
@@ -71,6 +71,11 @@ class Task(Protocol):
     def export(self, model: torch.nn.Module) -> None:
         """Write the final model as its Hugging Face folder."""
         ...
+
+    # Optional, found with getattr (DPO has both):
+    #   prepare(device, start_step, rank, world_size): once before the first step of this attempt
+    #   take_sums() -> {metric: tensor}: the task's own metrics, summed over the loss units of
+    #     this worker's micro-batches since the last call; the loop logs each as a per-unit mean
 
 
 @dataclass
@@ -105,6 +110,8 @@ def train(task: Task, worker: Worker) -> dict[str, float]:
         keep_metrics_before(worker.metrics_path, start_step)
         if start_step:
             print(f"[{task.name}] resumed from the checkpoint of step {start_step}", flush=True)
+    if (prepare := getattr(task, "prepare", None)) is not None:
+        prepare(worker.device, start_step, worker.rank, worker.world_size)
 
     use_bf16 = uses_bf16(stage.precision, worker.device)
     peak = peak_flops(worker.device, torch.bfloat16 if use_bf16 else torch.float32) * worker.world_size
@@ -127,8 +134,11 @@ def train(task: Task, worker: Worker) -> dict[str, float]:
                 # DDP averages gradients over workers; scale so the result is the global mean.
                 (loss * worker.world_size / units).backward()
             loss_sum += loss.detach()
+        own = task_sums(task, worker.device)
+        sums = torch.stack([loss_sum, *own.values()])
         if distributed:
-            dist.all_reduce(loss_sum)
+            dist.all_reduce(sums)
+        loss_sum = sums[0]
         if not math.isfinite(loss_sum.item()):  # stop before a bad step reaches the weights
             raise FloatingPointError(f"[{task.name}] step {step + 1}: the loss is {loss_sum.item()}")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.optim.grad_clip)
@@ -147,7 +157,7 @@ def train(task: Task, worker: Worker) -> dict[str, float]:
             "step_s": seconds,
             "workers": worker.world_size,
             "resumed_from": start_step,  # the checkpoint this attempt started from (0: none)
-        }
+        } | {name: value.item() / units for name, value in zip(own, sums[1:])}
         last_step = step + 1 == stage.steps
         # A sharded model's forward needs every worker; a replicated one only rank 0.
         if (sharded or worker.rank == 0) and (metrics["step"] % stage.eval_every == 0 or last_step):
@@ -163,6 +173,12 @@ def train(task: Task, worker: Worker) -> dict[str, float]:
         last = metrics
     export(task, model, sharded, worker)
     return last
+
+
+def task_sums(task: Task, device: torch.device) -> dict[str, torch.Tensor]:
+    """The task's own metric sums for this step ({} for a task without take_sums)."""
+    take = getattr(task, "take_sums", None)
+    return {} if take is None else {k: v.detach().to(device, torch.float32) for k, v in take().items()}
 
 
 def shard(model: torch.nn.Module, root: torch.nn.Module | None = None,

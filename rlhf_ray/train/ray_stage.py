@@ -13,10 +13,12 @@ import ray.train
 import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.util.placement_group import remove_placement_group
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlhf_ray.cluster import ResourcesError, reserve
+from rlhf_ray.cluster import NoCudaError, ResourcesError, require_cuda, reserve
 from rlhf_ray.config import Resources
+from rlhf_ray.console import say
 from rlhf_ray.train.loop import Task, Worker, train
 
 
@@ -38,12 +40,35 @@ def check_resources(stage_name: str, resources: Resources, autoscaling: bool) ->
 
 
 def wait_for_workers(stage_name: str, resources: Resources, per_worker: dict[str, float]) -> None:
-    """On a cluster that may grow: wait (saying for what) until the workers fit, or give up."""
+    """Wait (saying for what) until the workers fit, or give up (on a cluster that may grow);
+    with GPUs, check that each worker's node can use CUDA before Ray Train starts on it."""
     group = reserve(f"{stage_name} ({resources.num_workers} workers)",
                     [per_worker] * resources.num_workers, resources.placement_strategy,
                     resources.placement_timeout_s,
-                    log=lambda message: print(f"[{stage_name}] {message}", flush=True))
-    remove_placement_group(group)  # Ray Train reserves them again at once
+                    log=lambda message: say(f"[{stage_name}] {message}"))
+    try:
+        if resources.use_gpu:
+            check_cuda_in(group, stage_name, resources.num_workers)
+    finally:
+        remove_placement_group(group)  # Ray Train reserves them again at once
+
+
+@ray.remote(num_cpus=0)
+def _require_cuda(what: str) -> None:
+    require_cuda(what)
+
+
+def check_cuda_in(group: PlacementGroup, stage_name: str, workers: int) -> None:
+    """require_cuda in each worker's bundle, where Ray Train will place that worker. Ray Train sets
+    up NCCL before the training function runs, so on a node without CUDA the worker itself would
+    only ever report NCCL's error."""
+    checks = [_require_cuda.options(num_gpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=rank)).remote(f"{stage_name} worker {rank}")
+        for rank in range(workers)]
+    try:
+        ray.get(checks)
+    except NoCudaError as e:
+        raise NoCudaError(str(getattr(e, "cause", e))) from None  # without the remote traceback
 
 
 def run_on_ray_train(task: Task, storage: Path, metrics_path: Path, autoscaling: bool = False) -> dict[str, Any]:
@@ -51,7 +76,7 @@ def run_on_ray_train(task: Task, storage: Path, metrics_path: Path, autoscaling:
     resources = task.stage.resources
     check_resources(task.name, resources, autoscaling)
     per_worker = {"CPU": resources.cpus_per_worker} | ({"GPU": 1} if resources.use_gpu else {})
-    if autoscaling:
+    if autoscaling or resources.use_gpu:
         wait_for_workers(task.name, resources, per_worker)
     trainer = TorchTrainer(
         train_loop_per_worker=_worker_main,
@@ -72,6 +97,7 @@ def run_on_ray_train(task: Task, storage: Path, metrics_path: Path, autoscaling:
 
 def _worker_main(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
+    require_cuda(f"{config['task'].name} worker {context.get_world_rank()}")
     worker = Worker(
         rank=context.get_world_rank(),
         world_size=context.get_world_size(),

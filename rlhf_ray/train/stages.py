@@ -1,4 +1,4 @@
-"""Stages 1–3a on the driver: check and tokenize the inputs, then train on Ray Train.
+"""Stages 1–3a and DPO on the driver: check and tokenize the inputs, then train on Ray Train.
 
 Every input problem (a missing folder, a sequence longer than the context, too few workers) is
 found here, before any worker starts; a stage's output folder appears only when it is complete.
@@ -18,7 +18,7 @@ from rlhf_ray.modeling import check_model_folder
 from rlhf_ray.run import RunFolder, base_model, stage
 from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer
 from rlhf_ray.train.ray_stage import run_on_ray_train
-from rlhf_ray.train.tasks import ChatExample, PretrainTask, RewardTask, SFTTask
+from rlhf_ray.train.tasks import ChatExample, DPOTask, PretrainTask, RewardTask, SFTTask
 
 
 def _too_long(where: str, what: str, length: int, limit: int) -> str:
@@ -52,6 +52,22 @@ def comparison_groups(records: list[ComparisonRecord], tokenizer: ChatTokenizer,
         groups.append(group)
     if problems:
         raise RecordError(problems)
+    return groups
+
+
+def preference_groups(records: list[ComparisonRecord], tokenizer: ChatTokenizer,
+                      max_len: int) -> list[list[ChatExample]]:
+    """Per comparison, the prompt followed by each response, best first, masked on what the
+    response's assistant turns say (the tokens whose log-probability DPO compares)."""
+    groups = []
+    for record, ids_group in zip(records, comparison_groups(records, tokenizer, max_len)):
+        prompt_len = len(tokenizer.render_chat(record.prompt)[0])
+        group = []
+        for ids, response in zip(ids_group, record.responses):
+            mask = np.array(tokenizer.render_chat(record.prompt + response)[1], dtype=np.int8)
+            mask[:prompt_len] = 0  # the prompt's own assistant turns are context, not the response
+            group.append(ChatExample(ids, mask))
+        groups.append(group)
     return groups
 
 
@@ -100,7 +116,29 @@ def reward_task(cfg: RunConfig, files: dict[str, list[Path]]) -> RewardTask:
                       init_dir=init, out_dir=RunFolder(cfg.run_dir).output("reward"))
 
 
-def train_stage(task: PretrainTask | SFTTask | RewardTask, cfg: RunConfig) -> dict:
+def require_dpo(cfg: RunConfig) -> None:
+    if cfg.dpo is None:
+        raise ValueError("dpo is not configured: add a `dpo:` section to the config (e.g. "
+                         "`dpo: {steps: 100, beta: 0.1}`, or --set dpo.steps=100)")
+
+
+def dpo_task(cfg: RunConfig, files: dict[str, list[Path]]) -> DPOTask:
+    require_dpo(cfg)
+    init = RunFolder(cfg.run_dir).output("sft")
+    _require_model(init, "dpo")
+    tokenizer = load_tokenizer(init)
+    limit = cfg.model.max_seq_len
+    records = read_many(files["reward"], ComparisonRecord)
+    if not records:
+        where = ", ".join(map(str, files["reward"])) or "no files"
+        raise ValueError(f"dpo trains on comparisons, but there are none (data.reward: {where}): "
+                         "set data.reward (chosen/rejected or ranked responses), data.demo or compare")
+    return DPOTask(cfg, preference_groups(records, tokenizer, limit),
+                   preference_groups(read_many(files["reward_eval"], ComparisonRecord), tokenizer, limit),
+                   init_dir=init, out_dir=RunFolder(cfg.run_dir).output("dpo"))
+
+
+def train_stage(task: PretrainTask | SFTTask | RewardTask | DPOTask, cfg: RunConfig) -> dict:
     run = RunFolder(cfg.run_dir)
     return run_on_ray_train(task, storage=run.checkpoints(), metrics_path=run.metrics(task.name),
                             autoscaling=joins_cluster(cfg.cluster))

@@ -1,4 +1,4 @@
-"""The three training stages as `Task`s for the shared loop: pretraining, SFT, reward modelling.
+"""The training stages as `Task`s for the shared loop: pretraining, SFT, reward modelling, DPO.
 
 Each batch is a pure function of (seed, step, rank): pretraining samples random windows of the
 token shards; SFT and reward training walk a seeded permutation of their examples, epoch after
@@ -27,8 +27,9 @@ from rlhf_ray.modeling import (
 )
 from rlhf_ray.tokenizer import load_tokenizer
 from rlhf_ray.train.flops import flops_per_token
-from rlhf_ray.train.loop import Batch
-from rlhf_ray.train.losses import IGNORE, bradley_terry_loss, lm_loss, shifted_labels
+from rlhf_ray.train.loop import Batch, uses_bf16
+from rlhf_ray.train.losses import (IGNORE, bradley_terry_loss, lm_loss, ranking_dpo_loss, sequence_logprobs,
+                                   shifted_labels)
 
 Sequence = np.ndarray  # token ids of one example
 
@@ -246,6 +247,126 @@ class RewardTask:
                         correct += int(rewards[better] > rewards[worse])
                         total += 1
         return {"eval_loss": loss_sum / len(self.eval_groups), "eval_accuracy": correct / max(total, 1)}
+
+    def export(self, model: torch.nn.Module) -> None:
+        save_model(model, load_tokenizer(self.init_dir), self.out_dir)
+
+
+@dataclass
+class DPOTask:
+    """DPO on ranked responses: the policy (from sft/) against sft/ itself, frozen, as reference.
+
+    The reference's log-probabilities are computed once per attempt, in `prepare`, on each worker
+    for exactly the comparisons it will train on from its start step (the batches are a pure
+    function of the step), after which the reference model is dropped: one forward pass per
+    comparison instead of one per step, and no second model in memory while training. The
+    held-out comparisons' are computed at the first evaluation, in float32 like the evaluation.
+    """
+
+    cfg: RunConfig
+    groups: list[list[ChatExample]]  # per comparison: prompt + response, best first; mask: the response
+    eval_groups: list[list[ChatExample]]
+    init_dir: Path  # sft/: the starting policy and the reference
+    out_dir: Path  # dpo/
+    name: str = "dpo"
+
+    def __post_init__(self) -> None:
+        self.stage = self.cfg.dpo
+        self.pad_id = load_tokenizer(self.init_dir).pad_id
+        self.seq_len = max(len(e.ids) for g in self.groups for e in g)
+        self.reference: dict[int, torch.Tensor] = {}  # comparison index -> (K,) log-probabilities
+        self.eval_reference: list[torch.Tensor] | None = None
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def build_model(self) -> torch.nn.Module:
+        return load_policy(self.init_dir)
+
+    def _mine(self, step: int, rank: int, world: int) -> list[int]:
+        order = epoch_order(len(self.groups), self.stage.batch_size, step, self.cfg.seed)
+        return worker_slice(order, rank, world)
+
+    def _batch(self, groups: list[list[ChatExample]]) -> Batch:
+        ids, attention = pad([e.ids for g in groups for e in g], self.pad_id)
+        mask, _ = pad([e.mask for g in groups for e in g], 0)
+        return {"input_ids": ids, "attention_mask": attention, "labels": shifted_labels(ids, mask),
+                "group_sizes": torch.tensor([len(g) for g in groups])}
+
+    def _logprobs(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sequence_logprobs(logits, batch["labels"])
+
+    def reference_logprobs(self, groups: list[list[ChatExample]], device: torch.device,
+                           bf16: bool) -> list[torch.Tensor]:
+        """Each comparison's responses' log-probabilities (K,) under the frozen sft/ model."""
+        reference = load_policy(self.init_dir).to(device).eval()
+        out: list[torch.Tensor] = []
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            for chunk in chunks(groups, self.stage.micro_batch_size):
+                batch = {k: v.to(device) for k, v in self._batch(chunk).items()}
+                logprobs = self._logprobs(reference, batch).float().cpu()
+                out += torch.split(logprobs, batch["group_sizes"].tolist())
+        return out
+
+    def prepare(self, device: torch.device, start_step: int, rank: int, world: int) -> None:
+        """The reference log-probabilities of every comparison this worker trains on from
+        `start_step`, in the training steps' precision (so they match the policy's at step 0)."""
+        needed = sorted({i for step in range(start_step, self.stage.steps)
+                         for i in self._mine(step, rank, world)})
+        bf16 = uses_bf16(self.stage.precision, device)
+        logprobs = self.reference_logprobs([self.groups[i] for i in needed], device, bf16)
+        self.reference = dict(zip(needed, logprobs))
+
+    def micro_batches(self, step: int, rank: int, world: int) -> list[Batch]:
+        mine = self._mine(step, rank, world)
+        if any(i not in self.reference for i in mine):
+            raise RuntimeError("DPOTask.prepare must compute the reference log-probabilities first")
+        return [self._batch([self.groups[i] for i in c])
+                | {"reference": torch.cat([self.reference[i] for i in c])}
+                for c in chunks(mine, self.stage.micro_batch_size)]
+
+    def _comparisons(self, model: torch.nn.Module, batch: Batch, reference: torch.Tensor
+                     ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """Each comparison's DPO loss and its metrics (ranking_dpo_loss)."""
+        sizes = batch["group_sizes"].tolist()
+        policy = torch.split(self._logprobs(model, batch), sizes)
+        results = [ranking_dpo_loss(p, r, self.stage.beta, self.stage.loss)
+                   for p, r in zip(policy, torch.split(reference.to(policy[0].device), sizes))]
+        return [loss for loss, _ in results], [stats for _, stats in results]
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, stats = self._comparisons(model, batch, batch["reference"])
+        for one in stats:
+            for name, value in one.items():
+                self.sums[name] = self.sums.get(name, 0.0) + value
+        return torch.stack(losses).sum(), torch.tensor(len(losses))
+
+    def take_sums(self) -> dict[str, torch.Tensor]:
+        """The implicit-reward metrics summed over the comparisons since the last call."""
+        sums, self.sums = self.sums, {}
+        return sums
+
+    def units(self, batch: Batch) -> int:
+        return len(batch["group_sizes"])
+
+    def flops_per_token(self, model: torch.nn.Module) -> float:
+        return flops_per_token(model.config, self.seq_len, count_parameters(model))
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        if not self.eval_groups:
+            return {}
+        device = next(model.parameters()).device
+        if self.eval_reference is None:
+            self.eval_reference = self.reference_logprobs(self.eval_groups, device, bf16=False)
+        model.eval()
+        totals: dict[str, float] = {}
+        with torch.no_grad():
+            for indices in chunks(list(range(len(self.eval_groups))), self.stage.micro_batch_size):
+                batch = {k: v.to(device) for k, v in self._batch([self.eval_groups[i] for i in indices]).items()}
+                reference = torch.cat([self.eval_reference[i] for i in indices])
+                for loss, one in zip(*self._comparisons(model, batch, reference)):
+                    for name, value in {"loss": loss, **one}.items():
+                        totals[name] = totals.get(name, 0.0) + value.item()
+        return {f"eval_{name}": total / len(self.eval_groups) for name, total in totals.items()}
 
     def export(self, model: torch.nn.Module) -> None:
         save_model(model, load_tokenizer(self.init_dir), self.out_dir)

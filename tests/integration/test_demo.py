@@ -2,6 +2,7 @@
 base vs SFT vs RLHF side by side and the training curves, then every stage served until Ctrl-C."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -10,6 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rlhf_ray.run import read_metrics
 
 from tests.served import ctrl_c
 
@@ -60,6 +64,22 @@ def test_the_demo_trains_every_stage_reports_and_serves_until_ctrl_c(tmp_path):
         assert "## Evaluation across stages" in report and "](eval/stages.png)" in report
         for variant in ("| base 0-shot |", "| base 5-shot |", "| sft |", "| rlhf |"):
             assert variant in (run / "eval" / "stages.md").read_text()
+
+        # Off a terminal the console shows plain progress lines, not Ray's logs; those are in
+        # logs/driver.log. Every stage's metrics are TensorBoard event files as well, PPO's too.
+        for stage, shown in (("pretrain", "loss"), ("sft", "loss"), ("reward", "loss"),
+                             ("ppo", "reward_mean")):
+            rows = read_metrics(run / "metrics" / f"{stage}.jsonl")
+            last = rows[-1]["step"]
+            assert re.search(rf"\[{stage}\] step {last}/{last} · {shown} ", output), stage
+            numbers = {k for row in rows for k, v in row.items()
+                       if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)}
+            events = EventAccumulator(str(run / "tensorboard" / stage))
+            events.Reload()
+            assert numbers and numbers <= set(events.Tags()["scalars"]), stage
+        log = (run / "logs" / "driver.log").read_text()
+        for chatter in ("Started a local Ray instance", "TrainController"):
+            assert chatter in log and chatter not in output, chatter
 
         models = httpx.get(f"{url}/v1/models", timeout=30).json()
         assert sorted(m["id"] for m in models["data"]) == ["base", "reward", "rlhf", "sft"]

@@ -31,9 +31,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ray_cli(*args: str) -> subprocess.CompletedProcess:
+def ray_cli(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "ray"), *args], env=ENV, capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
+                          timeout=timeout_s, cwd=REPO)
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +79,17 @@ def listing(address: str, kind: str) -> list[dict]:
     return json.loads(out.stdout)
 
 
-def submit(address: str, submission_id: str, entrypoint: list[str]) -> tuple[str, str]:
-    """`ray job submit` (it waits for the job); the job's final status and its logs."""
-    ray_cli("job", "submit", f"--address={address}", f"--submission-id={submission_id}",
-            "--runtime-env=jobs/runtime_env.yaml", "--", sys.executable, *entrypoint)
+def submit(address: str, submission_id: str, entrypoint: list[str], limit_s: float = 900) -> tuple[str, str]:
+    """`ray job submit` (it waits for the job); the job's final status and its logs. A job still
+    running after limit_s is stopped, since it would go on using the cluster the next test gets,
+    and fails the test with its logs."""
+    try:
+        ray_cli("job", "submit", f"--address={address}", f"--submission-id={submission_id}",
+                "--runtime-env=jobs/runtime_env.yaml", "--", sys.executable, *entrypoint, timeout_s=limit_s)
+    except subprocess.TimeoutExpired:
+        ray_cli("job", "stop", f"--address={address}", submission_id)
+        logs = ray_cli("job", "logs", f"--address={address}", submission_id).stdout
+        pytest.fail(f"job {submission_id} still running after {limit_s:.0f}s:\n{logs[-4000:]}")
     status = ray_cli("job", "status", f"--address={address}", submission_id)
     found = re.search(r"Job '[^']+' (\w+)", status.stdout + status.stderr)
     assert found, status.stdout + status.stderr

@@ -64,3 +64,36 @@ def test_without_an_evaluation_the_report_says_how_to_make_one(tmp_path):
     report = write_report(cfg).read_text()
     assert f"No evaluation yet: `rlhf-ray eval --run {run.root}` writes it." in report
     assert json.loads(run.metrics("ppo").read_text().splitlines()[-1])["step"] == 4
+
+
+def test_a_run_with_dpo_reports_it_next_to_ppo(tmp_path):
+    _, run = make_run(tmp_path)
+    cfg = validate_config({"name": "r", "runs_dir": str(tmp_path), "data": {"demo": None}, "dpo": {"steps": 2}})
+    append_metrics(run.metrics("dpo"), {"step": 1, "loss": 0.69, "margin": 0.0})
+    append_metrics(run.metrics("dpo"), {"step": 2, "loss": 0.5, "margin": 0.4, "eval_loss": 0.55,
+                                        "eval_accuracy": 0.8, "eval_margin": 0.35})
+    write_json_atomic(run.eval / "stages.json", {"variants": [
+        variant("base 0-shot", ["What is the capital of Chile?", "", "Japan"], 0.0),
+        variant("sft", ["Lima.", "Nairobi.", "In Asia."], 0.5),
+        variant("rlhf", ["The capital is Lima.", "Nairobi.", "Asia."], 0.6) | {"reward": 0.2, "kl_to_sft": 0.1},
+        variant("dpo", ["Lima is the capital.", "Nairobi.", "Asia."], 0.7) | {"reward": 0.3, "kl_to_sft": 0.4}]})
+    write_text_atomic(run.eval / "stages.md", "# title\n")
+    report = write_report(cfg).read_text()
+    assert ("| dpo | 2 | 0.690 → 0.500 | 0.550 | held-out pairwise accuracy 0.80, implicit reward margin "
+            "0.350 |") in report
+    table = report.split("| question | base continues | SFT | RLHF | DPO | reference |\n|---|---|---|---|---|---|\n")[1]
+    assert table.splitlines()[0] == ("| What is the capital of Peru? | What is the capital of Chile? | Lima. | "
+                                     "The capital is Lima. | Lima is the capital. | Lima |")
+    assert "sft 50% of 40, rlhf 60% of 40, dpo 70% of 40." in report
+    section = report.split("## PPO and DPO from the same comparisons")[1]
+    # the reward model's held-out accuracy (0.75) for PPO, DPO's own (0.80) for DPO
+    assert "| rlhf | 0.75 | 0.600 | 0.200 | 0.100 | – |" in section
+    assert "| dpo | 0.80 | 0.700 | 0.300 | 0.400 | – |" in section
+
+
+def test_a_run_without_dpo_has_no_dpo_row_column_or_section(tmp_path):
+    cfg, run = make_run(tmp_path)
+    write_json_atomic(run.eval / "stages.json", {"variants": [variant("sft", ["Lima.", "Nairobi.", "Asia."], 0.5)]})
+    write_text_atomic(run.eval / "stages.md", "# title\n")
+    report = write_report(cfg).read_text()
+    assert "| dpo |" not in report and "DPO" not in report

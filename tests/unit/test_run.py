@@ -1,6 +1,7 @@
 """The stage registry owns the run folder: every stage's name, folder, metrics file and what it
 needs are spelled once, in rlhf_ray/run.py, and everything else asks it."""
 
+import json
 import re
 import subprocess
 import sys
@@ -26,10 +27,10 @@ NAMES = [s.name for s in STAGES]
 
 def test_the_chain_in_order():
     assert NAMES == ["data", "tokenizer", "pretrain", "sft", "compare-data", "reward", "ppo",
-                     "eval", "report"]
-    assert CHAT_MODELS == ("base", "sft", "rlhf") and REWARD_MODEL == "reward"
-    assert MODELS == ("base", "sft", "rlhf", "reward")
-    assert [serves_as(m) for m in CHAT_MODELS] == ["document", "chat", "chat"]
+                     "dpo", "eval", "report"]
+    assert CHAT_MODELS == ("base", "sft", "rlhf", "dpo") and REWARD_MODEL == "reward"
+    assert MODELS == ("base", "sft", "rlhf", "dpo", "reward")
+    assert [serves_as(m) for m in CHAT_MODELS] == ["document", "chat", "chat", "chat"]
 
 
 def test_every_stage_resolves_to_its_work_and_builds_on_earlier_stages():
@@ -50,8 +51,8 @@ def test_a_run_folder_names_each_stage_output():
 
 
 def test_unknown_names_are_refused_listing_the_known_ones():
-    with pytest.raises(ValueError, match="'dpo' is not a stage; the stages are data, tokenizer"):
-        stage("dpo")
+    with pytest.raises(ValueError, match="'kto' is not a stage; the stages are data, tokenizer"):
+        stage("kto")
     with pytest.raises(ValueError, match="stage 'data' writes no metrics"):
         RunFolder(Path("r")).metrics("data")
     with pytest.raises(ValueError, match="'critic' is not a model of a run; they are base, sft"):
@@ -82,3 +83,20 @@ def test_a_stage_folder_or_metrics_file_is_spelled_in_one_module():
                for path in sorted((REPO / folder).rglob("*.py")) if path != REPO / "rlhf_ray" / "run.py"
                for n, line in enumerate(path.read_text().splitlines(), 1) if RUN_PATH.search(line)]
     assert spelled == []
+
+
+def test_the_chat_page_offers_every_chat_model():
+    page = (REPO / "serve" / "page.html").read_text()
+    assert f"const CHAT_MODELS = {json.dumps(list(CHAT_MODELS))};" in page
+
+
+def test_printing_the_resolved_config_imports_no_training_stack():
+    """`rlhf-ray config` is a quick look at a config: it must not pay for torch, Ray or vLLM."""
+    check = ("import sys; from rlhf_ray.cli import main; "
+             "main(['config', '--config', 'configs/test.yaml', '--set', 'seed=7']); "
+             "heavy = sorted({'torch', 'ray', 'vllm', 'transformers'} & set(sys.modules)); "
+             "assert not heavy, heavy")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "seed: 7" in out.stdout

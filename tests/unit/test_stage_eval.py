@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_ray.config import validate_config
+from rlhf_ray.config import DPOConfig, validate_config
 from rlhf_ray.modeling import load_policy
 from rlhf_ray.report import stages_section
 from rlhf_ray.run import RunFolder
@@ -176,3 +176,26 @@ def test_kl_along_a_reply_is_exact_and_counts_the_stop_step(tiny_policy_dir, tin
         rows = range(len(prompt) - 1, len(prompt) - 1 + steps)
         assert kl == pytest.approx(sum(float((p[t].exp() * (p[t] - q[t])).sum()) for t in rows), rel=1e-4)
         assert kl > 0
+
+
+def test_a_dpo_model_is_evaluated_next_to_rlhf_and_its_claims_checked(tmp_path, tiny_policy_dir):
+    cfg = make_config(tmp_path)
+    for stage in ("sft", "rlhf", "dpo"):
+        shutil.copytree(tiny_policy_dir, cfg.run_dir / stage)
+    result = json.loads((evaluate_stages(cfg, log=lambda _: None) / "stages.json").read_text())
+    by_name = {v["name"]: v for v in result["variants"]}
+    assert list(by_name)[-3:] == ["sft", "rlhf", "dpo"]
+    assert by_name["dpo"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-5)  # the same weights as sft
+    assert [c["claim"] for c in result["claims"]][5:] == ["DPO raises the reward model's score over SFT",
+                                                           "DPO keeps SFT's exact match"]
+    assert [c["holds"] for c in result["claims"]][5:] == [None, True]  # no reward model here
+
+
+def test_dpo_is_skipped_with_the_reason_only_when_configured(tmp_path, tiny_policy_dir):
+    cfg = make_config(tmp_path)
+    shutil.copytree(tiny_policy_dir, cfg.run_dir / "sft")
+    result = json.loads((evaluate_stages(cfg, log=lambda _: None) / "stages.json").read_text())
+    assert "dpo" not in result["skipped"]  # not configured: not expected either
+    cfg.dpo = DPOConfig()
+    result = json.loads((evaluate_stages(cfg, log=lambda _: None) / "stages.json").read_text())
+    assert "no config.json" in result["skipped"]["dpo"]
