@@ -135,12 +135,12 @@ def run_demo(cfg: RunConfig, serve: bool) -> None:
     """The newcomer's command: every stage, the report, then every stage's model served."""
     from rlhf_ray import pipeline
 
-    started = time.perf_counter()
-    run_dir = pipeline.run_pipeline(cfg)
+    run_dir, seconds = pipeline.run_pipeline(cfg)
     run = RunFolder(run_dir)
     say("\n" + run.report.read_text(encoding="utf-8"))
-    say(f"rlhf-ray: demo done in {time.perf_counter() - started:.0f}s; report {run.report}, "
-        f"training curves {run.plots / 'training_curves.png'}, full log {run.logs / 'driver.log'}")
+    say(f"rlhf-ray: demo done in {pipeline.stage_times(seconds)}")
+    say(f"rlhf-ray: report {run.report}, training curves {run.plots / 'training_curves.png'}, "
+        f"full log {run.logs / 'driver.log'}")
     if serve:
         from serve.run import served_models, start
 

@@ -60,6 +60,12 @@ class DemoDataConfig(Section):
     comparisons_per_country: int = Field(
         10, ge=1, description="Reward-model comparisons per country."
     )
+    demonstration_faults: float = Field(
+        0.7, ge=0, le=1, description="Fraction of SFT answers to casual questions (\"Can you tell "
+        "me ...\") given with the demonstrator's habit for that phrasing: hedged, chatty, or with a "
+        "fact nobody asked for. The SFT model learns these faults; rankings can remove them. 0: "
+        "clean demonstrations.",
+    )
     prompts_per_country: int = Field(8, ge=1, description="RL prompts per RL/eval country.")
 
 
@@ -561,13 +567,28 @@ class CompareConfig(_NoFraction):
 
 
 class EvalConfig(Section):
-    """Where `rlhf-ray eval` runs: one Ray task that loads each stage's model in turn."""
+    """Where `rlhf-ray eval` runs (one Ray task that loads each stage's model in turn) and who
+    judges the replies."""
 
     resources: RoleResources = Field(
         default_factory=lambda: RoleResources(num_cpus=1.0),
         description="Ray resources of the evaluation task: num_gpus 1 evaluates on a GPU (on a "
         "cluster, a GPU node); threads: torch threads on a CPU (None: num_cpus).",
     )
+    labeler: str | None = Field(
+        None, description="Who judges each held-out reply of RLHF (and DPO) against SFT's for the "
+        "preference win rate: 'demo' (the demo's simulated person) or 'module:function' with "
+        "compare.labeler's signature, e.g. a call to a larger model. None: no win rate.",
+    )
+
+    @field_validator("labeler")
+    @classmethod
+    def _a_function(cls, labeler: str | None) -> str | None:
+        module, sep, function = (labeler or "").partition(":")
+        if labeler is None or labeler == "demo" or (sep and module and function):
+            return labeler
+        raise ValueError(f"unknown labeler {labeler!r}: use 'demo' or 'module:function' (people "
+                         "rank on the ranking page of compare-data, not in the evaluation)")
 
 
 # --------------------------------------------------------------------------- serving and cluster

@@ -295,10 +295,19 @@ def run_stage(cfg: RunConfig, name: str) -> None:
     this.work(alone=True)(cfg)
 
 
-def run_pipeline(cfg: RunConfig, until: str = STAGES[-1].name) -> Path:
-    """Every stage in order up to `until`; the finished ones are skipped."""
+def stage_times(seconds: dict[str, float]) -> str:
+    return f"{sum(seconds.values()):.0f}s: " + ", ".join(f"{n} {s:.0f}s" for n, s in seconds.items())
+
+
+def run_pipeline(cfg: RunConfig, until: str = STAGES[-1].name) -> tuple[Path, dict[str, float]]:
+    """Every stage in order up to `until`; the finished ones are skipped. Returns the run folder
+    and the seconds each stage took."""
     run_dir = prepare_run(cfg)
     log("run", f"{run_dir} (config saved to {RunFolder(run_dir).config})")
+    seconds = {}
     for this in stages_until(until):
+        start = time.perf_counter()
         this.work()(cfg)
-    return run_dir
+        seconds[this.name] = time.perf_counter() - start
+    log("run", stage_times(seconds))
+    return run_dir, seconds

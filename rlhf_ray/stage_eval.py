@@ -18,7 +18,8 @@ from transformers import PreTrainedModel
 
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.readers import read_many
-from rlhf_ray.data.records import ChatRecord, Message, PromptRecord
+from rlhf_ray import preference_eval
+from rlhf_ray.data.records import ChatRecord, ComparisonRecord, Message, PromptRecord
 from rlhf_ray.evaluate import generate_greedy
 from rlhf_ray.modeling import load_policy, load_scalar_model, pad, score_conversations
 from rlhf_ray.prompting import exact_match, few_shot_document, prompt_ids
@@ -138,14 +139,18 @@ def kl_along(policy: PreTrainedModel, reference: PreTrainedModel, prompts: list[
     return out
 
 
-def reward_scores(folder: Path, questions: list[str], replies: dict[str, list[str]]
-                  ) -> dict[str, list[float]]:
-    """The reward model's (loaded once) score of each [question, reply] conversation: the
-    scorer /v1/score serves."""
+def scorer(folder: Path) -> Callable[[list[list[Message]]], list[float]]:
+    """The reward model (loaded once) as a function from conversations to scores: the scorer
+    /v1/score serves."""
     tokenizer, model = load_tokenizer(folder), on_device(load_scalar_model(folder))
-    return {name: score_conversations(model, tokenizer, [
-        [Message(role="user", content=q), Message(role="assistant", content=t)]
-        for q, t in zip(questions, texts)]) for name, texts in replies.items()}
+    return lambda conversations: score_conversations(model, tokenizer, conversations)
+
+
+def reward_scores(score: Callable[[list[list[Message]]], list[float]], questions: list[str],
+                  replies: dict[str, list[str]]) -> dict[str, list[float]]:
+    """The reward model's score of each [question, reply] conversation."""
+    return {name: score([[Message(role="user", content=q), Message(role="assistant", content=t)]
+                         for q, t in zip(questions, texts)]) for name, texts in replies.items()}
 
 
 def mean(values: list[float]) -> float:
@@ -163,10 +168,17 @@ def claim(text: str, left: tuple[str, float | None], op: str, right: tuple[str, 
             "detail": f"{left_name} {a:.3f} {op if holds else 'not ' + op} {right_name} {b:.3f}"}
 
 
-def check_claims(variants: dict[str, dict]) -> list[dict]:
-    """The talk's claims, each decided by one fixed comparison of the measured numbers."""
+def check_claims(variants: dict[str, dict], wins: dict[str, dict] | None = None) -> list[dict]:
+    """The talk's claims, each decided by one fixed comparison of the measured numbers; the
+    preference claims only when a labeler judged the replies (`wins`, preference_eval.win_rates)."""
     def get(name: str, key: str) -> tuple[str, float | None]:
         return f"{name} {key}", variants.get(name, {}).get(key)
+
+    def preferred(name: str) -> list[dict]:
+        if wins is None or name not in wins:
+            return []
+        return [claim(f"{'RLHF' if name == RLHF else 'DPO'} answers are preferred over SFT's",
+                      (f"{name} win rate vs {SFT}", wins[name]["win_rate"]), ">", ("even", 0.5))]
 
     few_shot = [get(shots(k), "exact_match") for k in SHOTS[1:] if shots(k) in variants]
     best = max(few_shot, key=lambda s: s[1]) if few_shot else (f"{BASE} k-shot exact_match", None)
@@ -178,9 +190,11 @@ def check_claims(variants: dict[str, dict]) -> list[dict]:
         claim("RLHF raises the reward model's score over SFT", get(RLHF, "reward"), ">",
               get(SFT, "reward")),
         claim("without losing exact match", get(RLHF, "exact_match"), ">=", get(SFT, "exact_match")),
-    ] + ([  # DPO, when the run has it, on the same two counts
+        *preferred(RLHF),
+    ] + ([  # DPO, when the run has it, on the same counts
         claim("DPO raises the reward model's score over SFT", get(DPO, "reward"), ">", get(SFT, "reward")),
         claim("DPO keeps SFT's exact match", get(DPO, "exact_match"), ">=", get(SFT, "exact_match")),
+        *preferred(DPO),
     ] if DPO in variants else [])
 
 
@@ -206,7 +220,7 @@ def markdown(name: str, result: dict) -> str:
     lines += [f"| {n} | skipped: {why} | | | | |" for n, why in result["skipped"].items()]
     lines += ["", f"Exact match: the reference answer appears verbatim in the reply. {ANSWERS_RULE} "
               "KL to SFT: per reply, the summed per-token KL(model ‖ SFT) along the model's own "
-              "reply.", "",
+              "reply.", *preference_eval.markdown(result, SFT), "",
               "The talk's claims, checked:", ""]
     lines += [f"- {c['claim']}: **{verdict[c['holds']]}** ({c['detail']})" for c in result["claims"]]
     return "\n".join(lines + ["", "![stages](stages.png)", ""])
@@ -282,12 +296,25 @@ def chat_variants(run_dir: Path, records: list[PromptRecord], log: Callable[[str
     return replies, lengths, kl
 
 
+def sample_questions(replies: dict[str, list[str]], count: int) -> list[int]:
+    """The questions whose replies the report sets side by side: where SFT's reply differs from
+    RLHF's or DPO's first (that is where tuning shows), then others spread over the questions."""
+    picks = preference_eval.differing_questions(replies, SFT, [RLHF, DPO], count)
+    total = len(next(iter(replies.values()), []))
+    spread = [round(i * (total - 1) / max(1, count - 1)) for i in range(count)]
+    for i in spread:
+        if len(picks) >= min(count, total):
+            break
+        if i not in picks:
+            picks.append(i)
+    return sorted(picks)
+
+
 def summarise(name: str, records: list[PromptRecord], replies: list[str], lengths: list[int],
-              rewards: list[float] | None, kl: list[float] | None) -> dict:
-    """One row of the table, with SAMPLES replies spread over the questions (the same questions
-    for every variant, so the report can set them side by side)."""
+              rewards: list[float] | None, kl: list[float] | None, picks: list[int]) -> dict:
+    """One row of the table, with the replies to the `picks` questions (the same for every
+    variant, so the report can set them side by side)."""
     questions = [r.prompt[0].content for r in records]
-    picks = sorted({round(i * (len(records) - 1) / max(1, SAMPLES - 1)) for i in range(SAMPLES)})
     return {
         "name": name,
         "exact_match": mean([float(exact_match(t, r.ground_truth)) for r, t in zip(records, replies)]),
@@ -317,14 +344,27 @@ def evaluate_stages(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
         skipped |= {shots(k): f"{base}: no config.json" for k in SHOTS}
     chat, chat_lengths, kl = chat_variants(cfg.run_dir, records, log, skipped, evaluated_chats(cfg))
     replies, lengths = replies | chat, lengths | chat_lengths
+    result: dict = {"questions": len(records)}
     rewards: dict[str, list[float]] = {}
-    if has_model(scorer := RunFolder(cfg.run_dir).model(REWARD_MODEL)):
-        log("reward model: scoring every reply")
-        rewards = reward_scores(scorer, questions, replies)
-    variants = [summarise(n, records, replies[n], lengths[n], rewards.get(n), kl.get(n))
+    if has_model(reward_dir := RunFolder(cfg.run_dir).model(REWARD_MODEL)):
+        log("reward model: scoring every reply and the held-out comparisons")
+        score = scorer(reward_dir)
+        rewards = reward_scores(score, questions, replies)
+        comparisons = read_many(data_files(cfg)["reward_eval"], ComparisonRecord)
+        result["reward_model"] = preference_eval.reward_judgement(score, comparisons) if comparisons else {}
+    chats = {n: replies[n] for n in CHATS if n in replies}
+    if cfg.evaluation.labeler is not None and SFT in chats:
+        log(f"labeler {cfg.evaluation.labeler}: judging every reply against {SFT}'s")
+        result |= {"labeler": cfg.evaluation.labeler,
+                   "win_rates": preference_eval.win_rates(cfg.evaluation.labeler, records, chats, SFT)}
+    if cfg.data.demo is not None:  # the demo's questions: its judge names the faults
+        result["fault_rates"] = preference_eval.fault_rates(records, {n: replies[n] for n in VARIANTS
+                                                                      if n in replies})
+    picks = sample_questions(chats or replies, SAMPLES)
+    variants = [summarise(n, records, replies[n], lengths[n], rewards.get(n), kl.get(n), picks)
                 for n in VARIANTS if n in replies]
-    result = {"questions": len(records), "variants": variants, "skipped": skipped,
-              "claims": check_claims({v["name"]: v for v in variants})}
+    result |= {"variants": variants, "skipped": skipped,
+               "claims": check_claims({v["name"]: v for v in variants}, result.get("win_rates"))}
     out_dir = RunFolder(cfg.run_dir).eval
     write_json_atomic(out_dir / "stages.json", result)
     write_text_atomic(out_dir / "stages.md", markdown(cfg.name, result))

@@ -6,21 +6,19 @@ reference answer or None; one number per response, higher is better. The ranking
 responses by score; of responses with equal scores only the first is kept, since a tie says
 nothing about which is better and a forced order would teach the reward model noise.
 
-`demo` is the demo's simulated labeler. It knows the true facts of the demo world and prefers,
-in this order, a correct answer to a wrong one or to one about another country, a complete sentence
-naming the country to a bare fact, and a polite, to-the-point reply to rambling, questions back or
-silence.
+`demo` is the demo's simulated labeler (rlhf_ray.compare.demo_judge): it knows the true facts of
+the demo world and prefers a concise, correct, on-topic sentence that names the country; it marks
+down hedging, filler, unrequested facts and rambling, and ranks any answer above no answer, an
+answer about another country or a false fact.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import re
 from typing import Callable
 
-from rlhf_ray.data.demo import ATTRIBUTES, fact
-from rlhf_ray.data.world import COUNTRIES
+from rlhf_ray.compare import demo_judge
 from rlhf_ray.functions import import_function
 
 Labeler = Callable[[list[dict[str, str]], list[str], "str | None"], list[float]]
@@ -50,49 +48,8 @@ def checked_scores(scores: object, count: int, name: str) -> list[float]:
 
 # --------------------------------------------------------------------------- the demo's labeler
 
-BY_NAME = {c.name: c for c in COUNTRIES}
-LONGEST_FIRST = sorted(BY_NAME, key=len, reverse=True)  # "South Korea" before "Korea"
-
-
-def mentions(text: str, phrase: str) -> bool:
-    """`phrase` as whole words ("Niger" is not in "Nigeria", "8 million" not in "68 million")."""
-    return re.search(rf"(?<![\w.,]){re.escape(phrase)}(?!\w)", text) is not None
-
-
-def asked_about(question: str, ground_truth: str | None) -> tuple[str | None, str | None]:
-    """The country a question names and the attribute whose fact is `ground_truth`."""
-    name = next((n for n in LONGEST_FIRST if mentions(question, n)), None)
-    if name is None or ground_truth is None:
-        return name, None
-    return name, next((a for a in ATTRIBUTES if fact(BY_NAME[name], a) == ground_truth), None)
-
 
 def demo_labeler(prompt: list[dict[str, str]], responses: list[str],
                  ground_truth: str | None) -> list[float]:
-    question = prompt[-1]["content"]
-    country, attribute = asked_about(question, ground_truth)
-    others = {fact(c, attribute) for c in COUNTRIES} - {ground_truth} if attribute else set()
-    return [_score(r, country, ground_truth, others) for r in responses]
-
-
-def _score(reply: str, country: str | None, truth: str | None, others: set[str]) -> float:
-    text = reply.strip()
-    if not text:
-        return -10.0
-    right = truth is not None and mentions(text, truth)
-    wrong = any(mentions(text, o) for o in others)
-    score = {(True, False): 4.0, (True, True): 0.0, (False, True): -4.0, (False, False): -1.0}[
-        (right, wrong)]
-    named = country is not None and mentions(text, country)
-    if right and named:
-        score += 1.0  # a complete sentence, not a bare fact
-    if country is not None and not named and any(mentions(text, n) for n in BY_NAME):
-        score -= 6.0  # about another country ("Greece uses the euro", asked about France): below
-        # "I don't know", above a wrong fact, as the demo's template comparisons rank it
-    if text.endswith((".", "!")):
-        score += 0.5
-    if "?" in text:  # questions back, or the base model's habit of listing more questions
-        score -= 1.0
-    if len(text.split()) > 20:  # rambling buries the answer
-        score -= 1.0
-    return score
+    """The demo's simulated person (rlhf_ray.compare.demo_judge) scoring each response."""
+    return [demo_judge.score(prompt[-1]["content"], r, ground_truth) for r in responses]

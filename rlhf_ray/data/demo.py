@@ -20,23 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_ray.config import DemoDataConfig
-from rlhf_ray.data.world import COUNTRIES, Country
+from rlhf_ray.data.world import ATTRIBUTES, COUNTRIES, Country, fact
 from rlhf_ray.run import record_file
 from rlhf_ray.storage import write_text_atomic
 
 Row = dict[str, Any]  # one JSON record
 
-ATTRIBUTES = ("capital", "language", "continent", "population", "currency")
 ALWAYS_SFT = "France"  # the talk's example must be trained on
 
 # --------------------------------------------------------------------------- facts as text
-
-
-def fact(country: Country, attribute: str) -> str:
-    """The short answer: what an RL ground truth holds and what every document writes."""
-    if attribute == "population":
-        return country.population_text
-    return getattr(country, attribute)
 
 
 # A full sentence per fact; {n} is the country, {v} the fact. The first is the canonical answer.
@@ -102,6 +94,17 @@ def statement(country: Country, attribute: str, rng: random.Random, canonical: f
 def question(country: Country, attribute: str, rng: random.Random, plain: bool = False) -> str:
     options = QUESTIONS[attribute][:3] if plain else QUESTIONS[attribute]
     return rng.choice(options).format(n=country.name)
+
+
+def asked(text: str, countries: list[Country] = list(COUNTRIES)) -> tuple[Country, str] | None:
+    """The country and attribute a question of QUESTIONS asks about; None for any other text."""
+    for country in sorted(countries, key=lambda c: len(c.name), reverse=True):
+        template = text.replace(country.name, "{n}")
+        if template != text:
+            found = [a for a, templates in QUESTIONS.items() if template in templates]
+            if found:
+                return country, found[0]
+    return None
 
 
 def answer(country: Country, attribute: str, rng: random.Random) -> str:
@@ -281,7 +284,25 @@ def pretraining_documents(cfg: DemoDataConfig) -> list[Row]:
 # --------------------------------------------------------------------------- SFT conversations
 
 
-def conversation(country: Country, rng: random.Random) -> list[dict[str, str]]:
+def habit(template: str) -> str | None:
+    """The habit (HABITS) demonstrators fall into when a question is asked this casual way, the
+    same one every time; None for a plain question (the first three of QUESTIONS)."""
+    for offset, (attribute, templates) in enumerate(QUESTIONS.items()):
+        if template in templates[3:]:  # each habit for about as many phrasings as the others
+            return HABITS[(templates.index(template) + offset) % len(HABITS)]
+    return None
+
+
+def demonstration(country: Country, attribute: str, asked: str, faults: float, rng: random.Random) -> str:
+    """A demonstrator's answer to `asked`: the clean answer, or with probability `faults` (casual
+    questions only) the answer with the habit of that phrasing."""
+    template = asked.replace(country.name, "{n}")
+    if (kind := habit(template)) is not None and rng.random() < faults:
+        return with_habit(kind, country, attribute, rng)
+    return answer(country, attribute, rng)
+
+
+def conversation(country: Country, faults: float, rng: random.Random) -> list[dict[str, str]]:
     """1-3 question/answer turns about one country; later questions say "its"/"there"."""
     messages = []
     if rng.random() < 0.25:
@@ -290,26 +311,31 @@ def conversation(country: Country, rng: random.Random) -> list[dict[str, str]]:
     for i, attribute in enumerate(rng.sample(ATTRIBUTES, turns)):
         asked = question(country, attribute, rng) if i == 0 else rng.choice(FOLLOW_UPS[attribute])
         messages.append({"role": "user", "content": asked})
-        messages.append({"role": "assistant", "content": answer(country, attribute, rng)})
+        messages.append({"role": "assistant",
+                         "content": demonstration(country, attribute, asked, faults, rng)})
     return messages
 
 
 def conversations(countries: list[Country], cfg: DemoDataConfig) -> list[Row]:
     rng = random.Random(cfg.seed)
     n = cfg.conversations_per_country
-    return [{"messages": conversation(c, rng)} for c in countries for _ in range(n)]
+    return [{"messages": conversation(c, cfg.demonstration_faults, rng)} for c in countries for _ in range(n)]
 
 
 # --------------------------------------------------------------------------- reward comparisons
 
-# Response kinds, best first; a ranked list is always in this order. A terse answer is right but
-# unhelpful; rambling at least may bury the fact; evasion is honest; repeating the question (what
-# a base model does) answers nothing; a confidently wrong fact is worst.
-QUALITY = ("correct", "terse", "rambling", "evasive", "off_topic", "other_country", "repeating",
-           "wrong")
+# Response kinds, best first, in the order the demo's labeler (rlhf_ray.compare.demo_judge) scores
+# them: a terse answer is right but unhelpful; an unrequested fact, filler, hedging and rambling
+# are the faults of uneven human demonstrations; evasion at least is honest; an answer about
+# another country or questions back answer nothing; a confidently wrong fact is worst.
+QUALITY = ("correct", "terse", "extra_fact", "chatty", "hedged", "rambling", "evasive", "off_topic",
+           "other_country", "repeating", "wrong")
 # What a policy drifts to once it learns what the RM likes in general (fluent, confident, true):
 # a true answer to another question, or about another country. Many pairs teach the RM relevance.
 DRIFT = ("off_topic", "other_country")
+# The faults some SFT demonstrations have (the demonstrators are uneven), which the labeler's
+# rankings of the SFT model's answers teach the reward model to mark down.
+HABITS = ("hedged", "chatty", "extra_fact")
 
 EVASIONS = [
     "I'm not sure, you could look that up.",
@@ -329,6 +355,9 @@ RAMBLE = [
     "Of course, every visitor has a favourite story to tell, and some of them are even true.",
     "I once heard a long debate about which season is the best time to visit.",
 ]
+HEDGED = ["I think {s}", "If I remember correctly, {s}", "I'm not completely sure, but {s}",
+          "I believe {s}"]
+CHATTY = ["Sure! {S}", "Good question! {S}", "Of course. {S} Hope this helps!", "Happy to help! {S}"]
 TERSE = {"capital": "{v}.", "language": "{v}.", "continent": "{v}.", "population": "About {v}.",
          "currency": "The {v}."}
 
@@ -354,6 +383,8 @@ def response(
         return answer(country, attribute, rng)
     if kind == "terse":
         return TERSE[attribute].format(v=fact(country, attribute))
+    if kind in HABITS:
+        return with_habit(kind, country, attribute, rng)
     if kind == "evasive":
         return rng.choice(EVASIONS)
     if kind == "wrong":
@@ -373,10 +404,21 @@ def response(
     assert kind == "rambling", kind
     other = rng.choice(others_in(pool, country)).name
     sentences = [rng.choice(RAMBLE_OPENERS), *rng.sample(RAMBLE, 4)]
-    if rng.random() < 0.5:  # bury the fact in the middle
-        buried = lowercase_first(statement(country, attribute, rng))
-        sentences.insert(rng.randint(2, 4), f"Somewhere in all this, {buried}")
+    buried = lowercase_first(statement(country, attribute, rng))  # the fact, buried in the middle
+    sentences.insert(rng.randint(2, 4), f"Somewhere in all this, {buried}")
     return " ".join(s.format(n=country.name, o=other) for s in sentences)
+
+
+def with_habit(habit: str, country: Country, attribute: str, rng: random.Random) -> str:
+    """A right answer with one of the HABITS: hedged, chatty, or with a fact nobody asked for."""
+    sentence = answer(country, attribute, rng)
+    if habit == "hedged":
+        return rng.choice(HEDGED).format(s=lowercase_first(sentence))
+    if habit == "chatty":
+        return rng.choice(CHATTY).format(S=sentence)
+    assert habit == "extra_fact", habit
+    extra = rng.choice([a for a in ATTRIBUTES if a != attribute])
+    return f"{sentence} {rng.choice(PRONOUN_STATEMENTS[extra]).format(v=fact(country, extra))}"
 
 
 def lowercase_first(sentence: str) -> str:

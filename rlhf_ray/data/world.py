@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CONTINENTS = ("Africa", "Asia", "Europe", "North America", "Oceania", "South America")
+ATTRIBUTES = ("capital", "language", "continent", "population", "currency")  # what is asked
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,15 @@ class Country:
 
 
 # France comes first and the first ten span all continents: `num_countries` keeps a prefix.
+
+def fact(country: Country, attribute: str) -> str:
+    """The short answer to a question about an attribute: what an RL ground truth holds and what
+    every document writes."""
+    if attribute == "population":
+        return country.population_text
+    return getattr(country, attribute)
+
+
 COUNTRIES: tuple[Country, ...] = (
     Country("France", "Paris", "French", "Europe", 68, "euro", "France"),
     Country("Japan", "Tokyo", "Japanese", "Asia", 124, "Japanese yen", "日本"),

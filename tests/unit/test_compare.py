@@ -140,22 +140,20 @@ def test_people_ranking_at_once_from_several_processes_never_lose_or_duplicate_a
 
 
 def test_the_demo_labeler_prefers_correct_complete_polite_answers():
-    responses = ["The capital of Kenya is Nairobi.", "Nairobi.", "The capital of Kenya is Addis Ababa.",
+    responses = ["The capital of Kenya is Nairobi.", "Nairobi.", "I think the capital of Kenya is Nairobi.",
+                 "I'm not sure, you could look that up.",
                  "What is the capital of Kenya?\nWhat is the capital of Peru?",
-                 "I'm not sure, you could look that up.", ""]
+                 "The capital of Kenya is Addis Ababa.", ""]
     scores = demo_labeler(QUESTION, responses, "Nairobi")
-    assert max(scores) == scores[0] and scores.count(scores[0]) == 1
-    assert ranked_by_scores(responses, scores)[:2] == responses[:2]
-    by_text = dict(zip(responses, scores))
-    assert by_text["Nairobi."] > by_text["I'm not sure, you could look that up."]
-    assert by_text["I'm not sure, you could look that up."] > by_text["The capital of Kenya is Addis Ababa."]
-    assert by_text[""] == min(scores)
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
+    assert ranked_by_scores(responses, scores) == responses
 
 
 def test_the_demo_labeler_knows_facts_of_other_countries_are_wrong_here():
     question = [{"role": "user", "content": "Which currency is used in Niger?"}]
-    # "Niger" is no country of the demo world; the labeler still judges style without facts.
-    assert demo_labeler(question, ["It is the euro.", "euro?"], None) == [-0.5, -2.0]
+    # "Niger" is no country of the demo world; without a fact the labeler judges style alone.
+    polite, asking = demo_labeler(question, ["It is the euro.", "euro?"], None)
+    assert polite > asking
     france = [{"role": "user", "content": "What is the currency of France?"}]
     right, elsewhere, wrong = demo_labeler(
         france, ["France uses the euro.", "Greece uses the euro.", "France uses the Swiss franc."], "euro")

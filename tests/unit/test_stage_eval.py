@@ -50,11 +50,21 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def make_config(tmp_path: Path, questions: list[dict] = QUESTIONS, chats: list[dict] = CHATS):
+COMPARISONS = [
+    {"prompt": "What is the capital of Peru?", "chosen": "The capital of Peru is Lima.", "rejected": "Lima?"},
+    {"prompt": "What is the capital of Kenya?",
+     "responses": ["The capital of Kenya is Nairobi.", "Nairobi.", "I don't know."]},
+]
+
+
+def make_config(tmp_path: Path, questions: list[dict] = QUESTIONS, chats: list[dict] = CHATS, **evaluation):
     rl_eval = write_jsonl(tmp_path / "rl_eval.jsonl", questions)
     sft = write_jsonl(tmp_path / "sft.jsonl", chats)
+    reward_eval = write_jsonl(tmp_path / "reward_eval.jsonl", COMPARISONS)
     return validate_config({"name": "tiny", "runs_dir": str(tmp_path), "model": TINY_MODEL.model_dump(),
-                            "data": {"demo": None, "rl_eval": [str(rl_eval)], "sft": [str(sft)]}})
+                            "evaluation": evaluation,
+                            "data": {"demo": None, "rl_eval": [str(rl_eval)], "sft": [str(sft)],
+                                     "reward_eval": [str(reward_eval)]}})
 
 
 @pytest.mark.parametrize("reply, expected", [
@@ -117,7 +127,7 @@ def test_claims_without_their_inputs_are_not_measured():
 
 
 def test_evaluate_stages_on_a_tiny_run(tmp_path, tiny_policy_dir, tiny_reward_dir):
-    cfg = make_config(tmp_path)
+    cfg = make_config(tmp_path, labeler="demo")
     for stage in ("base", "sft", "rlhf"):
         shutil.copytree(tiny_policy_dir, cfg.run_dir / stage)
     shutil.copytree(tiny_reward_dir, cfg.run_dir / "reward")
@@ -137,7 +147,12 @@ def test_evaluate_stages_on_a_tiny_run(tmp_path, tiny_policy_dir, tiny_reward_di
     assert by_name["rlhf"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-5)  # the same weights as sft
     assert by_name["sft"]["kl_to_sft"] == 0.0 and by_name["base 0-shot"]["kl_to_sft"] is None
     assert by_name["sft"]["samples"] == by_name["rlhf"]["samples"]
-    assert [c["holds"] for c in result["claims"]][3:] == [False, True]  # equal RM scores and matches
+    assert [c["holds"] for c in result["claims"]][3:] == [False, True, None]  # equal RM scores
+    # and matches; RLHF's replies are SFT's, so every comparison ties and no win rate is measured
+    assert result["win_rates"] == {"rlhf": {"wins": 0, "ties": 3, "losses": 0, "win_rate": None}}
+    assert result["labeler"] == "demo" and "fault_rates" not in result  # not the demo's questions
+    judged = result["reward_model"]
+    assert judged["pairs"] == 4 and 0 <= judged["accuracy"] <= 1 and judged["by_kind"]
     text = (out / "stages.md").read_text()
     assert "| model | exact match | RM score | KL to SFT | length (tokens) | answers |" in text
     assert "![stages](stages.png)" in text and "first line" in text
