@@ -61,10 +61,9 @@ class DemoDataConfig(Section):
         10, ge=1, description="Reward-model comparisons per country."
     )
     demonstration_faults: float = Field(
-        0.7, ge=0, le=1, description="Fraction of SFT answers to casual questions (\"Can you tell "
-        "me ...\") given with the demonstrator's habit for that phrasing: hedged, chatty, or with a "
-        "fact nobody asked for. The SFT model learns these faults; rankings can remove them. 0: "
-        "clean demonstrations.",
+        0.75, ge=0, le=1, description="Fraction of SFT answers written with a demonstrator's habit "
+        "(most often a pleasantry, \"Hope this helps!\"; else a fact nobody asked for, or a hedge). "
+        "The SFT model learns the habits; rankings can remove them. 0: clean demonstrations.",
     )
     prompts_per_country: int = Field(8, ge=1, description="RL prompts per RL/eval country.")
 

@@ -30,7 +30,7 @@ FAULTS = ("terse", "extra_fact", "chatty", "hedged", "rambling", "evasive", "off
           "other_country", "question", "wrong", "empty")  # the report's column order
 HEDGES = ("I think", "I believe", "If I remember", "if I remember", "not completely sure", "probably",
           "I guess", "not sure", "don't know", "I'm not certain")
-CHATTER = ("Sure!", "Sure,", "Good question", "Great question", "Of course", "Happy to help",
+CHATTER = ("Sure!", "Sure,", "Good question", "Great question", "Of course", "Happy to help", "Hope that helps",
            "Hope this helps", "Let me see")
 RAMBLING_WORDS = 20
 

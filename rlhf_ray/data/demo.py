@@ -284,21 +284,11 @@ def pretraining_documents(cfg: DemoDataConfig) -> list[Row]:
 # --------------------------------------------------------------------------- SFT conversations
 
 
-def habit(template: str) -> str | None:
-    """The habit (HABITS) demonstrators fall into when a question is asked this casual way, the
-    same one every time; None for a plain question (the first three of QUESTIONS)."""
-    for offset, (attribute, templates) in enumerate(QUESTIONS.items()):
-        if template in templates[3:]:  # each habit for about as many phrasings as the others
-            return HABITS[(templates.index(template) + offset) % len(HABITS)]
-    return None
-
-
-def demonstration(country: Country, attribute: str, asked: str, faults: float, rng: random.Random) -> str:
-    """A demonstrator's answer to `asked`: the clean answer, or with probability `faults` (casual
-    questions only) the answer with the habit of that phrasing."""
-    template = asked.replace(country.name, "{n}")
-    if (kind := habit(template)) is not None and rng.random() < faults:
-        return with_habit(kind, country, attribute, rng)
+def demonstration(country: Country, attribute: str, faults: float, rng: random.Random) -> str:
+    """A demonstrator's answer: the clean answer, or with probability `faults` the answer with one
+    of the demonstrators' HABITS, most often the pleasantry."""
+    if rng.random() < faults:
+        return with_habit(rng.choices(HABITS, weights=HABIT_WEIGHTS)[0], country, attribute, rng)
     return answer(country, attribute, rng)
 
 
@@ -311,8 +301,7 @@ def conversation(country: Country, faults: float, rng: random.Random) -> list[di
     for i, attribute in enumerate(rng.sample(ATTRIBUTES, turns)):
         asked = question(country, attribute, rng) if i == 0 else rng.choice(FOLLOW_UPS[attribute])
         messages.append({"role": "user", "content": asked})
-        messages.append({"role": "assistant",
-                         "content": demonstration(country, attribute, asked, faults, rng)})
+        messages.append({"role": "assistant", "content": demonstration(country, attribute, faults, rng)})
     return messages
 
 
@@ -333,9 +322,11 @@ QUALITY = ("correct", "terse", "extra_fact", "chatty", "hedged", "rambling", "ev
 # What a policy drifts to once it learns what the RM likes in general (fluent, confident, true):
 # a true answer to another question, or about another country. Many pairs teach the RM relevance.
 DRIFT = ("off_topic", "other_country")
-# The faults some SFT demonstrations have (the demonstrators are uneven), which the labeler's
-# rankings of the SFT model's answers teach the reward model to mark down.
-HABITS = ("hedged", "chatty", "extra_fact")
+# The faults some SFT demonstrations have (the demonstrators are uneven), and how often each: most
+# end with a pleasantry, some add a fact nobody asked for, some hedge. The labeler's rankings of
+# the SFT model's answers teach the reward model to mark them down.
+HABITS = ("chatty", "extra_fact", "hedged")
+HABIT_WEIGHTS = (0.7, 0.15, 0.15)
 
 EVASIONS = [
     "I'm not sure, you could look that up.",
@@ -357,7 +348,7 @@ RAMBLE = [
 ]
 HEDGED = ["I think {s}", "If I remember correctly, {s}", "I'm not completely sure, but {s}",
           "I believe {s}"]
-CHATTY = ["Sure! {S}", "Good question! {S}", "Of course. {S} Hope this helps!", "Happy to help! {S}"]
+CHATTY = ["{S} Hope this helps!", "{S} Hope that helps!", "{S} Hope this helps, ask me anything!"]
 TERSE = {"capital": "{v}.", "language": "{v}.", "continent": "{v}.", "population": "About {v}.",
          "currency": "The {v}."}
 
@@ -403,9 +394,9 @@ def response(
         return "\n".join([asked, *more])
     assert kind == "rambling", kind
     other = rng.choice(others_in(pool, country)).name
-    sentences = [rng.choice(RAMBLE_OPENERS), *rng.sample(RAMBLE, 4)]
+    sentences = [rng.choice(RAMBLE_OPENERS), *rng.sample(RAMBLE, 2)]
     buried = lowercase_first(statement(country, attribute, rng))  # the fact, buried in the middle
-    sentences.insert(rng.randint(2, 4), f"Somewhere in all this, {buried}")
+    sentences.insert(rng.randint(1, 2), f"Somewhere in all this, {buried}")
     return " ".join(s.format(n=country.name, o=other) for s in sentences)
 
 

@@ -8,7 +8,6 @@ epoch. Tasks are plain picklable objects: Ray Train ships them to its workers as
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +27,8 @@ from rlhf_ray.modeling import (
 from rlhf_ray.tokenizer import load_tokenizer
 from rlhf_ray.train.flops import flops_per_token
 from rlhf_ray.train.loop import Batch, uses_bf16
-from rlhf_ray.train.losses import (IGNORE, bradley_terry_loss, lm_loss, ranking_dpo_loss, sequence_logprobs,
-                                   shifted_labels)
+from rlhf_ray.train.losses import (IGNORE, bradley_terry_loss, lm_loss, ranking_dpo_loss, ranking_pairs,
+                                   sequence_logprobs, shifted_labels)
 
 Sequence = np.ndarray  # token ids of one example
 
@@ -180,8 +179,26 @@ class SFTTask(_LanguageModelTask):
         save_model(model, load_tokenizer(self.init_dir), self.out_dir)
 
 
+class _ComparisonTask:
+    """What reward modelling and DPO share: a batch of ranked comparisons, each one unit, the
+    model started from and exported with sft/'s tokenizer."""
+
+    seq_len: int
+    init_dir: Path
+    out_dir: Path
+
+    def units(self, batch: Batch) -> int:
+        return len(batch["group_sizes"])
+
+    def flops_per_token(self, model: torch.nn.Module) -> float:
+        return flops_per_token(model.config, self.seq_len, count_parameters(model))
+
+    def export(self, model: torch.nn.Module) -> None:
+        save_model(model, load_tokenizer(self.init_dir), self.out_dir)
+
+
 @dataclass
-class RewardTask:
+class RewardTask(_ComparisonTask):
     """Bradley–Terry on ranked responses; a comparison's pairs share one batch and count as one."""
 
     cfg: RunConfig
@@ -218,17 +235,9 @@ class RewardTask:
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         per_comparison = []
         for rewards in self.scores(model, batch):
-            pairs = list(combinations(range(len(rewards)), 2))  # (better, worse): best is first
-            better = rewards[[i for i, _ in pairs]]
-            worse = rewards[[j for _, j in pairs]]
-            per_comparison.append(bradley_terry_loss(better, worse).mean())
+            better, worse = ranking_pairs(len(rewards))  # best is first
+            per_comparison.append(bradley_terry_loss(rewards[better], rewards[worse]).mean())
         return torch.stack(per_comparison).sum(), torch.tensor(len(per_comparison))
-
-    def units(self, batch: Batch) -> int:
-        return len(batch["group_sizes"])
-
-    def flops_per_token(self, model: torch.nn.Module) -> float:
-        return flops_per_token(model.config, self.seq_len, count_parameters(model))
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         if not self.eval_groups:
@@ -243,17 +252,14 @@ class RewardTask:
                 loss, _ = self.loss(model, batch)
                 loss_sum += loss.item()
                 for rewards in self.scores(model, batch):
-                    for better, worse in combinations(range(len(rewards)), 2):
-                        correct += int(rewards[better] > rewards[worse])
-                        total += 1
+                    better, worse = ranking_pairs(len(rewards))
+                    correct += int((rewards[better] > rewards[worse]).sum())
+                    total += len(better)
         return {"eval_loss": loss_sum / len(self.eval_groups), "eval_accuracy": correct / max(total, 1)}
-
-    def export(self, model: torch.nn.Module) -> None:
-        save_model(model, load_tokenizer(self.init_dir), self.out_dir)
 
 
 @dataclass
-class DPOTask:
+class DPOTask(_ComparisonTask):
     """DPO on ranked responses: the policy (from sft/) against sft/ itself, frozen, as reference.
 
     The reference's log-probabilities are computed once per attempt, in `prepare`, on each worker
@@ -345,12 +351,6 @@ class DPOTask:
         sums, self.sums = self.sums, {}
         return sums
 
-    def units(self, batch: Batch) -> int:
-        return len(batch["group_sizes"])
-
-    def flops_per_token(self, model: torch.nn.Module) -> float:
-        return flops_per_token(model.config, self.seq_len, count_parameters(model))
-
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         if not self.eval_groups:
             return {}
@@ -367,6 +367,3 @@ class DPOTask:
                     for name, value in {"loss": loss, **one}.items():
                         totals[name] = totals.get(name, 0.0) + value.item()
         return {f"eval_{name}": total / len(self.eval_groups) for name, total in totals.items()}
-
-    def export(self, model: torch.nn.Module) -> None:
-        save_model(model, load_tokenizer(self.init_dir), self.out_dir)

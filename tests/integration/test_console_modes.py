@@ -3,15 +3,12 @@ chatter (that goes to <run>/logs/driver.log). Off a terminal, plain progress lin
 tests/integration/test_demo.py; `--verbose`: tests/unit/test_console.py."""
 
 import os
-import pty
-import struct
-import subprocess
 import sys
-import termios
-from fcntl import ioctl
 from pathlib import Path
 
 import pytest
+
+from tests import terminal
 
 pytestmark = pytest.mark.integration
 
@@ -22,23 +19,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 def on_a_terminal(args: list[str]) -> str:
     """What a person at a 120-column terminal sees of `rlhf-ray <args>`."""
-    leader, follower = pty.openpty()
-    ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    process = subprocess.Popen([*COMMAND, *args], cwd=REPO, env=ENV, stdin=subprocess.DEVNULL,
-                               stdout=follower, stderr=follower, start_new_session=True)
-    os.close(follower)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # the terminal closes when the process ends
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(leader)
-    assert process.wait(timeout=600) == 0, shown.decode(errors="replace")[-3000:]
-    return shown.decode(errors="replace")
+    return terminal.on_a_terminal([*COMMAND, *args], ENV, cwd=REPO)
 
 
 @pytest.fixture(scope="module")

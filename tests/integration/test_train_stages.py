@@ -91,7 +91,11 @@ def test_the_pipeline_evaluates_every_stage_and_reports_it(run):
     names = [v["name"] for v in result["variants"]]
     assert names == ["base 0-shot", "base 1-shot", "base 3-shot", "base 5-shot", "sft", "rlhf"]
     assert all(0 <= v["exact_match"] <= 1 and isinstance(v["reward"], float) for v in result["variants"])
+    wins = result["win_rates"]["rlhf"]  # evaluation.labeler: demo judged RLHF against SFT
+    assert wins["wins"] + wins["ties"] + wins["losses"] == result["questions"]
+    assert set(result["fault_rates"]) == set(names) and 0 < result["reward_model"]["pairs"]
     report = (run / "report.md").read_text()
+    assert "win rate vs sft" in report and "pairwise accuracy" in report and "Calibration" in report
     assert "| reward |" in report and "held-out pairwise accuracy" in report
     assert "| question | base continues | SFT | RLHF | reference |" in report
 

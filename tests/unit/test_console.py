@@ -3,7 +3,6 @@ its warnings and errors shown; a metrics file followed as its stage writes it.""
 
 import json
 import os
-import pty
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from rlhf_ray.console import Progress, is_alert
 from rlhf_ray.watch import MetricsTail
+from tests.terminal import on_a_terminal
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -102,20 +102,7 @@ def run_script(tmp_path: Path, mode: str, tty: bool) -> str:
     if not tty:
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60,
                               check=True).stdout
-    leader, follower = pty.openpty()
-    process = subprocess.Popen(command, env=env, stdout=follower, stderr=follower)
-    os.close(follower)
-    out = b""
-    while True:
-        try:
-            chunk = os.read(leader, 4096)
-        except OSError:  # the pty closes when the process ends
-            break
-        if not chunk:
-            break
-        out += chunk
-    assert process.wait(timeout=60) == 0, out
-    return out.decode()
+    return on_a_terminal(command, env, timeout=60)
 
 
 def test_captured_output_goes_to_the_log_and_the_console_shows_our_lines_and_warnings(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from rlhf_ray.compare.demo_judge import faults, score, states
 from rlhf_ray.config import DemoDataConfig
-from rlhf_ray.data.demo import HABITS, QUESTIONS, asked, habit, write_demo_data
+from rlhf_ray.data.demo import HABITS, asked, write_demo_data
 from rlhf_ray.data.world import fact
 
 CAPITAL = "What is the capital of France?"
@@ -23,6 +23,7 @@ CAPITAL = "What is the capital of France?"
     ("Paris.", ["terse"]),
     ("The capital of France is Paris. Its currency is the euro.", ["extra_fact"]),
     ("Sure! The capital of France is Paris.", ["chatty"]),
+    ("The capital of France is Paris. Hope this helps!", ["chatty"]),
     ("I think the capital of France is Paris.", ["hedged"]),
     ("If I remember correctly, the capital of France is Paris. Hope this helps!", ["chatty", "hedged"]),
     ("France is lovely. " * 5 + "The capital of France is Paris.", ["rambling"]),
@@ -66,29 +67,18 @@ def test_the_labeler_ranks_every_demo_comparison_in_its_order(demo):
             assert all(a > b for a, b in zip(scores, scores[1:])), (record, scores)
 
 
-def test_casual_questions_get_answers_with_the_demonstrators_habit(demo):
-    """Every casual phrasing has one habit, taken on about demonstration_faults (0.7) of the time;
-    plain questions are answered cleanly; the faults are the ones the judge names."""
-    seen: dict[str, Counter] = {}
+def test_about_demonstration_faults_of_the_sft_answers_have_a_habit_most_often_the_pleasantry(demo):
+    """Each answer has at most one habit, as the judge names it; 0.75 of them have one, 0.7 of
+    those the pleasantry (what the SFT model then ends its answers with)."""
+    counts: Counter = Counter()
     for record in rows(demo["sft"]):
         question, reply = record["messages"][-2]["content"], record["messages"][-1]["content"]
-        if (got := asked(question)) is None:
-            continue  # a follow-up ("And what is its capital?"): answered cleanly
-        country, attribute = got
-        template = question.replace(country.name, "{n}")
-        seen.setdefault(template, Counter())[tuple(faults(question, reply, fact(country, attribute)))] += 1
-    with_habit = casual_answers = 0
-    for template, counts in seen.items():
-        expected = habit(template)
-        if expected is None:
-            assert set(counts) == {()}, (template, counts)
-        else:
-            assert set(counts) <= {(), (expected,)}, (template, counts)
-            with_habit += counts[(expected,)]
-            casual_answers += sum(counts.values())
-    assert 0.6 < with_habit / casual_answers < 0.8
-    casual = {habit(t) for t in seen} - {None}
-    assert casual == set(HABITS) and len(seen) == sum(len(q) for q in QUESTIONS.values())
+        if (got := asked(question)) is not None:  # not a follow-up ("And what is its capital?")
+            counts[tuple(faults(question, reply, fact(*got)))] += 1
+    assert set(counts) == {(), *((h,) for h in HABITS)}, counts
+    total = sum(counts.values())
+    assert 0.7 < 1 - counts[()] / total < 0.8
+    assert counts[("chatty",)] / (total - counts[()]) == pytest.approx(0.7, abs=0.06)
 
 
 def test_no_demonstration_faults_gives_clean_answers(tmp_path):
