@@ -226,15 +226,18 @@ def markdown(name: str, result: dict) -> str:
     return "\n".join(lines + ["", "![stages](stages.png)", ""])
 
 
-def plot(variants: list[dict], out: Path) -> None:
-    """Exact match and answer rate per variant (0–1), and the mean RM score in a second panel."""
+def plot(variants: list[dict], out: Path, wins: dict[str, dict] | None = None) -> None:
+    """Exact match and answer rate per variant (0–1), the mean RM score in a second panel, and
+    with a labeler's judgement a third: each stage's wins, ties and losses against SFT."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     names, x = [v["name"] for v in variants], range(len(variants))
-    figure, (rates, scores) = plt.subplots(1, 2, figsize=(11, 3.6))
+    figure, axes = plt.subplots(1, 3 if wins else 2, figsize=(15 if wins else 11, 3.6),
+                                gridspec_kw={"width_ratios": [3, 3, 1.4] if wins else [1, 1]})
+    rates, scores = axes[0], axes[1]
     for offset, key in ((-0.2, "exact_match"), (0.2, "answers")):
         rates.bar([i + offset for i in x], [v[key] for v in variants], width=0.4, label=key)
     rates.set(ylim=(0, 1), title="fraction of held-out questions")
@@ -245,6 +248,14 @@ def plot(variants: list[dict], out: Path) -> None:
     for ax in (rates, scores):
         ax.set_xticks(list(x), names, rotation=20, fontsize=8)
         ax.grid(alpha=0.3, axis="y")
+    if wins:
+        judged, bottom = list(wins), [0] * len(wins)
+        for key, color in (("wins", "tab:green"), ("ties", "tab:gray"), ("losses", "tab:red")):
+            counts = [wins[n][key] for n in judged]
+            axes[2].bar(judged, counts, bottom=bottom, color=color, label=key)
+            bottom = [b + c for b, c in zip(bottom, counts)]
+        axes[2].set_title(f"judged against {SFT}")
+        axes[2].legend(fontsize=8)
     figure.tight_layout()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     figure.savefig(tmp, dpi=110, format="png")
@@ -368,7 +379,7 @@ def evaluate_stages(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
     out_dir = RunFolder(cfg.run_dir).eval
     write_json_atomic(out_dir / "stages.json", result)
     write_text_atomic(out_dir / "stages.md", markdown(cfg.name, result))
-    plot(variants, out_dir / "stages.png")
+    plot(variants, out_dir / "stages.png", result.get("win_rates"))
     log(f"wrote {out_dir}/stages.json, stages.md and stages.png")
     return out_dir
 
