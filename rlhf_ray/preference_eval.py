@@ -112,14 +112,18 @@ def reward_judgement(score: Callable[[list[list[Message]]], list[float]],
     }
 
 
+def spread(items: list[int], count: int) -> list[int]:
+    """`count` of `items` evenly spread from first to last (all of them when there are fewer)."""
+    if len(items) <= count:
+        return items
+    return [items[round(k * (len(items) - 1) / max(1, count - 1))] for k in range(count)]
+
+
 def differing_questions(replies: dict[str, list[str]], first: str, others: Sequence[str], count: int) -> list[int]:
     """Up to `count` question indices where `first`'s reply differs from another stage's, spread
     over the questions; [] when they never differ."""
-    differ = [i for i in range(len(replies.get(first, []))) if any(
-        o in replies and replies[o][i] != replies[first][i] for o in others)]
-    if len(differ) <= count:
-        return differ
-    return [differ[round(k * (len(differ) - 1) / (count - 1))] for k in range(count)] if count > 1 else differ[:1]
+    return spread([i for i in range(len(replies.get(first, []))) if any(
+        o in replies and replies[o][i] != replies[first][i] for o in others)], count)
 
 
 def markdown(result: dict, against: str) -> list[str]:

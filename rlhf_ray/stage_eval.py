@@ -312,8 +312,7 @@ def sample_questions(replies: dict[str, list[str]], count: int) -> list[int]:
     RLHF's or DPO's first (that is where tuning shows), then others spread over the questions."""
     picks = preference_eval.differing_questions(replies, SFT, [RLHF, DPO], count)
     total = len(next(iter(replies.values()), []))
-    spread = [round(i * (total - 1) / max(1, count - 1)) for i in range(count)]
-    for i in spread:
+    for i in preference_eval.spread(list(range(total)), count):
         if len(picks) >= min(count, total):
             break
         if i not in picks:
