@@ -608,6 +608,18 @@ class ServeConfig(_NoFraction):
     target_ongoing_requests: float = Field(
         4.0, gt=0, description="Autoscaling: requests per replica to aim for."
     )
+    upscale_delay_s: float = Field(
+        30.0, ge=0, description="Autoscaling: how long the load must stay above the target "
+        "before replicas are added (Serve's default; a new replica costs an engine start, and on a "
+        "cluster that autoscales maybe a node).",
+    )
+    downscale_delay_s: float = Field(
+        600.0, ge=0, description="Autoscaling: how long the load must stay below the target before "
+        "replicas are removed (Serve's default).",
+    )
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Autoscaling: the window over which ongoing requests are averaged.",
+    )
     max_ongoing_requests: int = Field(16, ge=1, description="Requests a replica works on at once.")
     max_queued_requests: int = Field(
         64, ge=-1, description="Requests queued before answering 503 (-1: no limit)."

@@ -102,7 +102,10 @@ def build_stage_app(folder: Path, stage: str, cfg: ServeConfig) -> ray_serve.App
         backpressure_config={"retry_after_s": 1},
         graceful_shutdown_timeout_s=cfg.drain_timeout_s,
         autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                            "target_ongoing_requests": cfg.target_ongoing_requests},
+                            "target_ongoing_requests": cfg.target_ongoing_requests,
+                            "upscale_delay_s": cfg.upscale_delay_s,
+                            "downscale_delay_s": cfg.downscale_delay_s,
+                            "look_back_period_s": cfg.look_back_period_s},
     ).bind(stage, cfg.max_ongoing_requests, cfg.kv_cache.model_dump(), cfg.drain_timeout_s,
            cfg.stream_interval_ms / 1000, cfg.api_key_env, cfg.max_body_bytes)
 

@@ -34,6 +34,9 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.runtime_env import RuntimeEnv
 from ray.serve.schema import ServeDeploySchema
 
+from rlhf_ray.config import load_config
+from rlhf_ray.plan import plan_run
+
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = REPO / "cluster.yaml"
 DEPLOY = REPO / "deploy"
@@ -207,6 +210,40 @@ def test_the_header_says_how_to_start_use_and_stop_it():
                  PIPELINE_ENTRYPOINT, "ray down cluster.yaml"]:
         assert text in " ".join(header.replace("#", " ").replace("\\\n", " ").split()), text
     assert (REPO / GPU_CONFIG).is_file()
+
+
+# --- cluster-local.yaml: the autoscaler on this machine (Ray's fake multi-node provider) ---------
+
+LOCAL_YAML = REPO / "cluster-local.yaml"
+
+
+def test_the_local_cluster_validates_and_its_head_takes_no_work():
+    local = load_yaml(LOCAL_YAML)
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(local, schema)
+    assert local["provider"]["type"] == "fake_multinode"
+    head, workers = head_and_workers(local)
+    assert head["resources"]["CPU"] == 0 and head["max_workers"] == 0
+    assert workers and all(t["min_workers"] == 0 for t in workers.values())  # grows from nothing
+    assert any(t["resources"].get("GPU") for t in workers.values())
+
+
+def test_the_local_cluster_needs_two_nodes_at_once_for_the_test_configs_ppo():
+    """PPO's roles are one placement group: the autoscaler sees all of it and adds two nodes."""
+    local = load_yaml(LOCAL_YAML)
+    cpu_node = local["available_node_types"]["cpu"]["resources"]["CPU"]
+    [ppo] = [stage for stage in plan_run(load_config(REPO / "configs" / "test.yaml")).stages
+             if stage.name == "ppo"]
+    assert ppo.cpus == 2 * cpu_node
+
+
+def test_the_local_clusters_header_says_how_to_start_use_and_stop_it():
+    header = " ".join(LOCAL_YAML.read_text().split("\ncluster_name:")[0].replace("#", " ")
+                      .replace("\\\n", " ").split())
+    for text in ["RAY_FAKE_CLUSTER=1 ray start --head", "--num-cpus=0",
+                 "--autoscaling-config=cluster-local.yaml", "ray job submit",
+                 f"--runtime-env {RUNTIME_ENV} --working-dir local://$PWD", "ray stop"]:
+        assert text in header, text
 
 
 # --- deploy/: KubeRay ---------------------------------------------------------------------------

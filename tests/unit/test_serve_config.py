@@ -122,6 +122,19 @@ def test_the_deploy_config_builds_the_app_with_the_runs_settings(tmp_path, tiny_
     assert stage._deployment_config.user_config["folder"] == str(run / "sft")
 
 
+def test_a_stage_scales_between_its_replica_bounds_with_the_configured_delays(tmp_path, tiny_policy_dir):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_policy_dir, run / "sft")
+    cfg = load_config(REPO / "configs" / "test.yaml", [
+        f"runs_dir={tmp_path}", "name=run", "serve.stages=[sft]", "serve.min_replicas=1",
+        "serve.max_replicas=3", "serve.target_ongoing_requests=2", "serve.upscale_delay_s=1",
+        "serve.downscale_delay_s=5", "serve.look_back_period_s=2"])
+    _, sft = deploy_config(run, cfg).applications
+    scaling = stage_app_builder(sft.args)._bound_deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 2)
+    assert (scaling.upscale_delay_s, scaling.downscale_delay_s, scaling.look_back_period_s) == (1, 5, 2)
+
+
 def test_only_a_moved_or_rewritten_stage_gets_a_new_user_config(tmp_path, tiny_policy_dir, tiny_reward_dir):
     run = tmp_path / "run"
     for stage in ("base", "sft", "rlhf"):
