@@ -240,7 +240,8 @@ def test_the_local_cluster_needs_two_nodes_at_once_for_the_test_configs_ppo():
 def test_the_local_clusters_header_says_how_to_start_use_and_stop_it():
     header = " ".join(LOCAL_YAML.read_text().split("\ncluster_name:")[0].replace("#", " ")
                       .replace("\\\n", " ").split())
-    for text in ["RAY_FAKE_CLUSTER=1 ray start --head", "--num-cpus=0",
+    for text in ["export RAY_AUTH_MODE=token; ray get-auth-token --generate",
+                 "RAY_FAKE_CLUSTER=1 ray start --head", "--num-cpus=0",
                  "--autoscaling-config=cluster-local.yaml", "ray job submit",
                  f"--runtime-env {RUNTIME_ENV} --working-dir local://$PWD", "ray stop"]:
         assert text in header, text
