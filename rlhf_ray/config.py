@@ -618,7 +618,8 @@ class ServeConfig(_NoFraction):
         "replicas are removed (Serve's default).",
     )
     look_back_period_s: float = Field(
-        30.0, gt=0, description="Autoscaling: the window over which ongoing requests are averaged.",
+        30.0, gt=10, description="Autoscaling: the window over which ongoing requests are averaged "
+        "(longer than the 10 s at which Serve's replicas report their load).",
     )
     max_ongoing_requests: int = Field(16, ge=1, description="Requests a replica works on at once.")
     max_queued_requests: int = Field(

@@ -200,7 +200,7 @@ def test_serve_under_load_adds_a_replica_on_a_node_the_autoscaler_adds_and_both_
          "--port", str(port), "--set", "serve.stages=[sft]", "--set", "serve.cpus_per_replica=1",
          "--set", "serve.max_replicas=2", "--set", "serve.target_ongoing_requests=1",
          "--set", "serve.upscale_delay_s=1", "--set", "serve.downscale_delay_s=5",
-         "--set", "serve.look_back_period_s=2"],
+         "--set", "serve.look_back_period_s=12"],
         env={**ENV, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert [r["state"] for r in replicas(dashboard, token, "stage-sft")] == ["RUNNING"]
@@ -231,7 +231,7 @@ def test_serve_under_load_adds_a_replica_on_a_node_the_autoscaler_adds_and_both_
     assert outcomes and all(o == "ok" for o in outcomes), [o for o in outcomes if o != "ok"][:5]
 
     # Load gone: Serve removes the extra replica, then the autoscaler its idle node.
-    deadline = time.monotonic() + 120 + IDLE_TIMEOUT_S
+    deadline = time.monotonic() + 300 + IDLE_TIMEOUT_S  # 70 s here; slower boxes vary
     while len(replicas(dashboard, token, "stage-sft")) > 1 or len(alive(workers(dashboard))) > 1:
         assert time.monotonic() < deadline, (replicas(dashboard, token, "stage-sft"), alive(workers(dashboard)))
         time.sleep(2)

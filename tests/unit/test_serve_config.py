@@ -11,7 +11,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from rlhf_ray.compare.store import Candidate, ComparisonStore
-from rlhf_ray.config import load_config, save_config
+from rlhf_ray.config import ConfigError, load_config, save_config
 from serve.app import app_builder, check_servable, stage_app_builder, stage_folders
 from serve.deployment import CHAT_APP, RANK_APP, stage_app
 from serve.run import deploy_config
@@ -128,11 +128,16 @@ def test_a_stage_scales_between_its_replica_bounds_with_the_configured_delays(tm
     cfg = load_config(REPO / "configs" / "test.yaml", [
         f"runs_dir={tmp_path}", "name=run", "serve.stages=[sft]", "serve.min_replicas=1",
         "serve.max_replicas=3", "serve.target_ongoing_requests=2", "serve.upscale_delay_s=1",
-        "serve.downscale_delay_s=5", "serve.look_back_period_s=2"])
+        "serve.downscale_delay_s=5", "serve.look_back_period_s=12"])
     _, sft = deploy_config(run, cfg).applications
     scaling = stage_app_builder(sft.args)._bound_deployment._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 2)
-    assert (scaling.upscale_delay_s, scaling.downscale_delay_s, scaling.look_back_period_s) == (1, 5, 2)
+    assert (scaling.upscale_delay_s, scaling.downscale_delay_s, scaling.look_back_period_s) == (1, 5, 12)
+
+
+def test_a_look_back_window_shorter_than_serves_load_reports_is_refused():
+    with pytest.raises(ConfigError, match=r"serve.look_back_period_s: Input should be greater than 10 \(got 2\)"):
+        load_config(REPO / "configs" / "test.yaml", ["serve.look_back_period_s=2"])
 
 
 def test_only_a_moved_or_rewritten_stage_gets_a_new_user_config(tmp_path, tiny_policy_dir, tiny_reward_dir):
