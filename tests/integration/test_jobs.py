@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 # Token authentication, as Ray 2.60 clusters have by default; every command below shares the token.
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-IDLE_TIMEOUT_S = 60 * yaml.safe_load((REPO / "cluster-local.yaml").read_text())["idle_timeout_minutes"]
+LOCAL_CLUSTER = yaml.safe_load((REPO / "cluster-local.yaml").read_text())
+IDLE_TIMEOUT_S = 60 * LOCAL_CLUSTER["idle_timeout_minutes"]
 PPO_ROLES = ("RolloutEngine", "PolicyRole", "ValueRole", "ReferenceRole", "RewardModelRole")
 
 
@@ -54,8 +55,7 @@ def dashboard(tmp_path_factory):
     ray_cli("get-auth-token", "--generate")
     port, dashboard_port = free_port(), free_port()
     dashboard_gcs_port[:] = [str(port)]
-    config = yaml.safe_load((REPO / "cluster-local.yaml").read_text())
-    config["provider"]["gcs_address"] = f"127.0.0.1:{port}"
+    config = {**LOCAL_CLUSTER, "provider": {**LOCAL_CLUSTER["provider"], "gcs_address": f"127.0.0.1:{port}"}}
     config_path = tmp_path_factory.mktemp("cluster") / "cluster-local.yaml"
     config_path.write_text(yaml.safe_dump(config))
     head = ray_cli("start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=true",

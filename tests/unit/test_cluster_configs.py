@@ -98,9 +98,19 @@ def head_and_workers(config: dict) -> tuple[dict, dict[str, dict]]:
     return types[head], {name: t for name, t in types.items() if name != head}
 
 
+def ray_schema() -> dict:
+    """The cluster-config JSON schema shipped with the installed ray (what `ray up` checks)."""
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def header_words(path: Path) -> str:
+    """The comment block above `cluster_name:`, as one line of words (continuations joined)."""
+    header = path.read_text().split("\ncluster_name:")[0]
+    return " ".join(header.replace("#", " ").replace("\\\n", " ").split())
+
+
 def test_cluster_yaml_validates_against_the_schema_shipped_with_ray(cluster):
-    schema_path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
-    jsonschema.validate(cluster, json.loads(schema_path.read_text()))
+    jsonschema.validate(cluster, ray_schema())
 
 
 def test_ray_up_prepares_and_validates_it_offline(prepared, cluster):
@@ -205,10 +215,10 @@ def test_the_autoscaler_launches_gpu_workers_for_a_stage_of_the_gpu_config(prepa
 
 
 def test_the_header_says_how_to_start_use_and_stop_it():
-    header = CLUSTER_YAML.read_text().split("\ncluster_name:")[0]
+    header = header_words(CLUSTER_YAML)
     for text in ["ray up cluster.yaml", "ray job submit", f"--runtime-env {RUNTIME_ENV}",
                  PIPELINE_ENTRYPOINT, "ray down cluster.yaml"]:
-        assert text in " ".join(header.replace("#", " ").replace("\\\n", " ").split()), text
+        assert text in header, text
     assert (REPO / GPU_CONFIG).is_file()
 
 
@@ -219,8 +229,7 @@ LOCAL_YAML = REPO / "cluster-local.yaml"
 
 def test_the_local_cluster_validates_and_its_head_takes_no_work():
     local = load_yaml(LOCAL_YAML)
-    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
-    jsonschema.validate(local, schema)
+    jsonschema.validate(local, ray_schema())
     assert local["provider"]["type"] == "fake_multinode"
     head, workers = head_and_workers(local)
     assert head["resources"]["CPU"] == 0 and head["max_workers"] == 0
@@ -238,8 +247,7 @@ def test_the_local_cluster_needs_two_nodes_at_once_for_the_test_configs_ppo():
 
 
 def test_the_local_clusters_header_says_how_to_start_use_and_stop_it():
-    header = " ".join(LOCAL_YAML.read_text().split("\ncluster_name:")[0].replace("#", " ")
-                      .replace("\\\n", " ").split())
+    header = header_words(LOCAL_YAML)
     for text in ["export RAY_AUTH_MODE=token; ray get-auth-token --generate",
                  "RAY_FAKE_CLUSTER=1 ray start --head", "--num-cpus=0",
                  "--autoscaling-config=cluster-local.yaml", "ray job submit",
