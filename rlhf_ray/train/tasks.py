@@ -1,14 +1,17 @@
 """The training stages as `Task`s for the shared loop: pretraining, SFT, reward modelling, DPO.
 
 Each batch is a pure function of (seed, step, rank): pretraining samples random windows of the
-token shards; SFT and reward training walk a seeded permutation of their examples, epoch after
-epoch. Tasks are plain picklable objects: Ray Train ships them to its workers as they are.
+token shards; SFT, reward and DPO training walk a seeded permutation of their examples, epoch
+after epoch, each step's examples cut into micro-batches by length. Tasks are plain picklable
+objects: Ray Train ships them to its workers as they are.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +46,12 @@ def worker_slice(items: list, rank: int, world: int) -> list:
 
 def chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def micro_chunks(units: list, size: int, length: Callable[[Any], int]) -> list[list]:
+    """A step's units in micro-batches of `size`, shortest first: each micro-batch pads to a
+    length near its own rather than to the step's longest (the step's gradient is the same sum)."""
+    return chunks(sorted(units, key=length), size)
 
 
 def epoch_order(num_items: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -167,7 +176,7 @@ class SFTTask(_LanguageModelTask):
     def micro_batches(self, step: int, rank: int, world: int) -> list[Batch]:
         order = epoch_order(len(self.examples), self.stage.batch_size, step, self.cfg.seed)
         mine = [self.examples[i] for i in worker_slice(order, rank, world)]
-        return [self._batch(c) for c in chunks(mine, self.stage.micro_batch_size)]
+        return [self._batch(c) for c in micro_chunks(mine, self.stage.micro_batch_size, lambda e: len(e.ids))]
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         if not self.eval_examples:
@@ -177,6 +186,15 @@ class SFTTask(_LanguageModelTask):
 
     def export(self, model: torch.nn.Module) -> None:
         save_model(model, load_tokenizer(self.init_dir), self.out_dir)
+
+
+def comparison_losses(scores: list[torch.Tensor]) -> torch.Tensor:
+    """Each comparison's Bradley–Terry loss: the mean over its ranked pairs (best is first)."""
+    losses = []
+    for rewards in scores:
+        better, worse = ranking_pairs(len(rewards))
+        losses.append(bradley_terry_loss(rewards[better], rewards[worse]).mean())
+    return torch.stack(losses)
 
 
 class _ComparisonTask:
@@ -225,7 +243,8 @@ class RewardTask(_ComparisonTask):
     def micro_batches(self, step: int, rank: int, world: int) -> list[Batch]:
         order = epoch_order(len(self.groups), self.stage.batch_size, step, self.cfg.seed)
         mine = [self.groups[i] for i in worker_slice(order, rank, world)]
-        return [self._batch(c) for c in chunks(mine, self.stage.micro_batch_size)]
+        size = self.stage.micro_batch_size
+        return [self._batch(c) for c in micro_chunks(mine, size, lambda group: max(map(len, group)))]
 
     def scores(self, model: torch.nn.Module, batch: Batch) -> list[torch.Tensor]:
         """The scalar reward of every sequence, split back into comparisons."""
@@ -233,11 +252,8 @@ class RewardTask(_ComparisonTask):
         return list(torch.split(rewards.float(), batch["group_sizes"].tolist()))
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        per_comparison = []
-        for rewards in self.scores(model, batch):
-            better, worse = ranking_pairs(len(rewards))  # best is first
-            per_comparison.append(bradley_terry_loss(rewards[better], rewards[worse]).mean())
-        return torch.stack(per_comparison).sum(), torch.tensor(len(per_comparison))
+        per_comparison = comparison_losses(self.scores(model, batch))
+        return per_comparison.sum(), torch.tensor(len(per_comparison))
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         if not self.eval_groups:
@@ -249,9 +265,9 @@ class RewardTask(_ComparisonTask):
         with torch.no_grad():
             for chunk in chunks(self.eval_groups, self.stage.micro_batch_size):
                 batch = {k: v.to(device) for k, v in self._batch(chunk).items()}
-                loss, _ = self.loss(model, batch)
-                loss_sum += loss.item()
-                for rewards in self.scores(model, batch):
+                scores = self.scores(model, batch)  # one pass gives both the loss and the accuracy
+                loss_sum += comparison_losses(scores).sum().item()
+                for rewards in scores:
                     better, worse = ranking_pairs(len(rewards))
                     correct += int((rewards[better] > rewards[worse]).sum())
                     total += len(better)
@@ -291,6 +307,9 @@ class DPOTask(_ComparisonTask):
         order = epoch_order(len(self.groups), self.stage.batch_size, step, self.cfg.seed)
         return worker_slice(order, rank, world)
 
+    def _longest(self, index: int) -> int:
+        return max(len(e.ids) for e in self.groups[index])
+
     def _batch(self, groups: list[list[ChatExample]]) -> Batch:
         ids, attention = pad([e.ids for g in groups for e in g], self.pad_id)
         mask, _ = pad([e.mask for g in groups for e in g], 0)
@@ -328,7 +347,7 @@ class DPOTask(_ComparisonTask):
             raise RuntimeError("DPOTask.prepare must compute the reference log-probabilities first")
         return [self._batch([self.groups[i] for i in c])
                 | {"reference": torch.cat([self.reference[i] for i in c])}
-                for c in chunks(mine, self.stage.micro_batch_size)]
+                for c in micro_chunks(mine, self.stage.micro_batch_size, self._longest)]
 
     def _comparisons(self, model: torch.nn.Module, batch: Batch, reference: torch.Tensor
                      ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:

@@ -31,7 +31,7 @@ from rlhf_ray.train.loop import (
 from rlhf_ray.train.losses import IGNORE, lm_loss
 from rlhf_ray.train.optim import lr_at, make_optimizer
 from rlhf_ray.train.stages import chat_examples
-from rlhf_ray.train.tasks import RewardTask, SFTTask, epoch_order
+from rlhf_ray.train.tasks import ChatExample, RewardTask, SFTTask, epoch_order, worker_slice
 from tests.tiny import TINY_MODEL
 
 TEST_CONFIG = Path(__file__).parents[2] / "configs" / "test.yaml"
@@ -178,6 +178,8 @@ def test_a_reward_micro_batch_keeps_every_response_of_a_comparison_together(tmp_
     for step in range(3):  # 5 comparisons, 4 a step: step 1 crosses into the second epoch
         seen = []
         for rank in range(world):
+            mine = worker_slice(epoch_order(5, 4, step, cfg.seed), rank, world)
+            first = len(seen)
             for batch in task.micro_batches(step, rank, world):
                 sizes = batch["group_sizes"].tolist()
                 assert sum(sizes) == batch["input_ids"].shape[0]
@@ -187,7 +189,22 @@ def test_a_reward_micro_batch_keeps_every_response_of_a_comparison_together(tmp_
                     g = sequences[0][1] - 40
                     assert sequences == [s.tolist() for s in groups[g]]
                     seen.append(g)
-        assert seen == epoch_order(5, 4, step, cfg.seed)
+            assert sorted(seen[first:]) == sorted(mine)  # this worker's comparisons, each once
+        assert sorted(seen) == sorted(epoch_order(5, 4, step, cfg.seed))
+
+
+def test_a_step_is_cut_into_micro_batches_shortest_first(tmp_path, tiny_policy_dir, tokenizer):
+    """Padding is to each micro-batch's longest: similar lengths together pad the least."""
+    cfg = run_config(tmp_path, "reward", batch_size=6, micro_batch_size=2)
+    groups = [[seq(40 + g, *[7] * length), seq(40 + g)] for g, length in enumerate([9, 1, 5, 3, 8, 2])]
+    task = RewardTask(cfg, groups, [], init_dir=tiny_policy_dir, out_dir=tmp_path / "reward")
+    widths = [batch["input_ids"].shape[1] for batch in task.micro_batches(0, 0, 1)]
+    assert widths == [1 + 1 + 2, 1 + 1 + 5, 1 + 1 + 9]  # pairs (1, 2), (3, 5), (8, 9)
+
+    sft = run_config(tmp_path, "sft", batch_size=4, micro_batch_size=2)
+    examples = [ChatExample(ids=seq(*[5] * n), mask=np.ones(n + 1, dtype=np.int32)) for n in (6, 1, 4, 2)]
+    task = SFTTask(sft, examples, [], init_dir=tiny_policy_dir, out_dir=tmp_path / "sft")
+    assert [batch["input_ids"].shape[1] for batch in task.micro_batches(0, 0, 1)] == [1 + 2, 1 + 6]
 
 
 @pytest.mark.parametrize("ranking, accuracy", [
@@ -209,6 +226,19 @@ def test_reward_evaluation_scores_the_accuracy_of_every_pair(tmp_path, tiny_poli
     per_comparison = [sum(bt(r[i] - r[j]) for i, j in combinations(range(len(r)), 2)) / math.comb(len(r), 2)
                       for r in rewards]
     assert result["eval_loss"] == pytest.approx(sum(per_comparison) / 2)
+
+
+def test_reward_evaluation_reads_each_held_out_sequence_once(tmp_path, tiny_policy_dir):
+    """The loss and the accuracy come from one pass: the evaluation is a demo's costliest part."""
+    cfg = run_config(tmp_path, "reward", micro_batch_size=2)
+    held_out = [[seq(7), seq(1)], [seq(6), seq(2), seq(3)], [seq(5), seq(4)]]
+    task = RewardTask(cfg, [[seq(1), seq(2)]], held_out, init_dir=tiny_policy_dir, out_dir=tmp_path / "reward")
+    model = LastTokenReward()
+    rows_read = []
+    model.register_forward_hook(lambda module, args, kwargs, out: rows_read.append(len(kwargs["input_ids"])),
+                                with_kwargs=True)
+    task.evaluate(model)
+    assert sum(rows_read) == 7  # every sequence of the three comparisons, once
 
 
 # --------------------------------------------------------------------------- the loop
