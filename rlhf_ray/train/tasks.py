@@ -188,6 +188,10 @@ class SFTTask(_LanguageModelTask):
         save_model(model, load_tokenizer(self.init_dir), self.out_dir)
 
 
+def longest(group: list[Sequence]) -> int:
+    return max(map(len, group))
+
+
 def comparison_losses(scores: list[torch.Tensor]) -> torch.Tensor:
     """Each comparison's Bradley–Terry loss: the mean over its ranked pairs (best is first)."""
     losses = []
@@ -243,8 +247,7 @@ class RewardTask(_ComparisonTask):
     def micro_batches(self, step: int, rank: int, world: int) -> list[Batch]:
         order = epoch_order(len(self.groups), self.stage.batch_size, step, self.cfg.seed)
         mine = [self.groups[i] for i in worker_slice(order, rank, world)]
-        size = self.stage.micro_batch_size
-        return [self._batch(c) for c in micro_chunks(mine, size, lambda group: max(map(len, group)))]
+        return [self._batch(c) for c in micro_chunks(mine, self.stage.micro_batch_size, longest)]
 
     def scores(self, model: torch.nn.Module, batch: Batch) -> list[torch.Tensor]:
         """The scalar reward of every sequence, split back into comparisons."""
@@ -263,7 +266,7 @@ class RewardTask(_ComparisonTask):
         loss_sum = 0.0
         device = next(model.parameters()).device
         with torch.no_grad():
-            for chunk in chunks(self.eval_groups, self.stage.micro_batch_size):
+            for chunk in micro_chunks(self.eval_groups, self.stage.micro_batch_size, longest):
                 batch = {k: v.to(device) for k, v in self._batch(chunk).items()}
                 scores = self.scores(model, batch)  # one pass gives both the loss and the accuracy
                 loss_sum += comparison_losses(scores).sum().item()
@@ -272,6 +275,10 @@ class RewardTask(_ComparisonTask):
                     correct += int((rewards[better] > rewards[worse]).sum())
                     total += len(better)
         return {"eval_loss": loss_sum / len(self.eval_groups), "eval_accuracy": correct / max(total, 1)}
+
+
+def longest_example(group: list[ChatExample]) -> int:
+    return max(len(e.ids) for e in group)
 
 
 @dataclass
@@ -308,7 +315,7 @@ class DPOTask(_ComparisonTask):
         return worker_slice(order, rank, world)
 
     def _longest(self, index: int) -> int:
-        return max(len(e.ids) for e in self.groups[index])
+        return longest_example(self.groups[index])
 
     def _batch(self, groups: list[list[ChatExample]]) -> Batch:
         ids, attention = pad([e.ids for g in groups for e in g], self.pad_id)
@@ -324,13 +331,14 @@ class DPOTask(_ComparisonTask):
                            bf16: bool) -> list[torch.Tensor]:
         """Each comparison's responses' log-probabilities (K,) under the frozen sft/ model."""
         reference = load_policy(self.init_dir).to(device).eval()
-        out: list[torch.Tensor] = []
+        out: dict[int, torch.Tensor] = {}
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            for chunk in chunks(groups, self.stage.micro_batch_size):
-                batch = {k: v.to(device) for k, v in self._batch(chunk).items()}
+            for chunk in micro_chunks(list(range(len(groups))), self.stage.micro_batch_size,
+                                      lambda i: longest_example(groups[i])):
+                batch = {k: v.to(device) for k, v in self._batch([groups[i] for i in chunk]).items()}
                 logprobs = self._logprobs(reference, batch).float().cpu()
-                out += torch.split(logprobs, batch["group_sizes"].tolist())
-        return out
+                out |= zip(chunk, torch.split(logprobs, batch["group_sizes"].tolist()))
+        return [out[i] for i in range(len(groups))]
 
     def prepare(self, device: torch.device, start_step: int, rank: int, world: int) -> None:
         """The reference log-probabilities of every comparison this worker trains on from
@@ -379,7 +387,8 @@ class DPOTask(_ComparisonTask):
         model.eval()
         totals: dict[str, float] = {}
         with torch.no_grad():
-            for indices in chunks(list(range(len(self.eval_groups))), self.stage.micro_batch_size):
+            for indices in micro_chunks(list(range(len(self.eval_groups))), self.stage.micro_batch_size,
+                                        lambda i: longest_example(self.eval_groups[i])):
                 batch = {k: v.to(device) for k, v in self._batch([self.eval_groups[i] for i in indices]).items()}
                 reference = torch.cat([self.eval_reference[i] for i in indices])
                 for loss, one in zip(*self._comparisons(model, batch, reference)):
