@@ -180,7 +180,8 @@ class TrainStage(Section):
         32, ge=1, description="Sequences (or comparison pairs) per optimizer step, all workers together."
     )
     micro_batch_size: int = Field(
-        8, ge=1, description="Sequences per forward pass per worker; the rest is gradient accumulation."
+        8, ge=1, description="Sequences per forward pass per worker; the rest is gradient accumulation. "
+        "A step's examples go into micro-batches shortest first, so smaller ones pad less."
     )
     eval_every: int = Field(50, ge=1, description="Evaluate on held-out data every N steps.")
     checkpoint_every: int = Field(50, ge=1, description="Save resumable state every N steps.")
