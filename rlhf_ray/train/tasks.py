@@ -176,7 +176,8 @@ class SFTTask(_LanguageModelTask):
     def micro_batches(self, step: int, rank: int, world: int) -> list[Batch]:
         order = epoch_order(len(self.examples), self.stage.batch_size, step, self.cfg.seed)
         mine = [self.examples[i] for i in worker_slice(order, rank, world)]
-        return [self._batch(c) for c in micro_chunks(mine, self.stage.micro_batch_size, lambda e: len(e.ids))]
+        by_length = micro_chunks(mine, self.stage.micro_batch_size, lambda e: len(e.ids))
+        return [self._batch(c) for c in by_length]
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         if not self.eval_examples:
@@ -337,7 +338,7 @@ class DPOTask(_ComparisonTask):
                                       lambda i: longest_example(groups[i])):
                 batch = {k: v.to(device) for k, v in self._batch([groups[i] for i in chunk]).items()}
                 logprobs = self._logprobs(reference, batch).float().cpu()
-                out |= zip(chunk, torch.split(logprobs, batch["group_sizes"].tolist()))
+                out.update(zip(chunk, torch.split(logprobs, batch["group_sizes"].tolist())))
         return [out[i] for i in range(len(groups))]
 
     def prepare(self, device: torch.device, start_step: int, rank: int, world: int) -> None:
