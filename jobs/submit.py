@@ -1,8 +1,9 @@
 """What every job entry point shares: the run config, a run folder that outlives the job, errors.
 
-Inside a job submitted with a `working_dir`, the current directory is a temporary copy of it, so
-a relative `runs_dir` (config paths resolve against the current directory) would put the run
-where the next submission cannot find it, and refuses.
+Inside a job the current directory is its `working_dir`: a temporary copy of an uploaded one, or
+a `local://` directory on each node. A relative `runs_dir` (config paths resolve against the
+current directory) would put the run where other nodes or the next submission may not find it,
+and is refused.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ def parse_config(argv: list[str], description: str, stage: bool = False
     cfg = load_config(args.config, args.overrides)
     if in_ray_job() and cfg.runs_dir.is_relative_to(Path.cwd()):
         raise ConfigError(
-            f"runs_dir resolves to {cfg.runs_dir}, inside this job's temporary copy of its "
-            "working_dir: the run would be lost when the job ends, invisible to other nodes, and "
-            "a resubmission could not resume it. Give an absolute path on storage every node "
-            "shares, e.g. --set runs_dir=/mnt/shared/runs")
+            f"runs_dir resolves to {cfg.runs_dir}, inside this job's working directory {Path.cwd()} "
+            "(an uploaded working_dir is a temporary copy; a local:// one is on this node only): "
+            "the run could be lost when the job ends, invisible to other nodes, and out of a "
+            "resubmission's reach. Give an absolute path on storage every node shares, e.g. "
+            "--set runs_dir=/mnt/shared/runs")
     return (args.stage if stage else "pipeline"), cfg, getattr(args, "until", None), args.verbose
 
 

@@ -267,7 +267,8 @@ def test_a_relative_runs_dir_fails_the_job_with_the_reason(dashboard):
                           upload=True)
     assert status == "FAILED"
     assert "rlhf-ray job: error: runs_dir resolves to " in logs
-    assert "inside this job's temporary copy of its working_dir" in logs
+    assert "inside this job's working directory" in logs
+    assert "an uploaded working_dir is a temporary copy" in logs
 
 
 def test_a_stage_asking_for_gpus_gets_the_gpu_node_type_and_refuses_its_missing_cuda(dashboard, tmp_path):
