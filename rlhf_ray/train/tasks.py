@@ -315,9 +315,6 @@ class DPOTask(_ComparisonTask):
         order = epoch_order(len(self.groups), self.stage.batch_size, step, self.cfg.seed)
         return worker_slice(order, rank, world)
 
-    def _longest(self, index: int) -> int:
-        return longest_example(self.groups[index])
-
     def _batch(self, groups: list[list[ChatExample]]) -> Batch:
         ids, attention = pad([e.ids for g in groups for e in g], self.pad_id)
         mask, _ = pad([e.mask for g in groups for e in g], 0)
@@ -354,9 +351,9 @@ class DPOTask(_ComparisonTask):
         mine = self._mine(step, rank, world)
         if any(i not in self.reference for i in mine):
             raise RuntimeError("DPOTask.prepare must compute the reference log-probabilities first")
-        return [self._batch([self.groups[i] for i in c])
-                | {"reference": torch.cat([self.reference[i] for i in c])}
-                for c in micro_chunks(mine, self.stage.micro_batch_size, self._longest)]
+        by_length = micro_chunks(mine, self.stage.micro_batch_size, lambda i: longest_example(self.groups[i]))
+        return [self._batch([self.groups[i] for i in c]) | {"reference": torch.cat([self.reference[i] for i in c])}
+                for c in by_length]
 
     def _comparisons(self, model: torch.nn.Module, batch: Batch, reference: torch.Tensor
                      ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:

@@ -193,7 +193,7 @@ def test_a_reward_micro_batch_keeps_every_response_of_a_comparison_together(tmp_
         assert sorted(seen) == sorted(epoch_order(5, 4, step, cfg.seed))
 
 
-def test_a_step_is_cut_into_micro_batches_shortest_first(tmp_path, tiny_policy_dir, tokenizer):
+def test_a_step_is_cut_into_micro_batches_shortest_first(tmp_path, tiny_policy_dir):
     """Padding is to each micro-batch's longest: similar lengths together pad the least."""
     cfg = run_config(tmp_path, "reward", batch_size=6, micro_batch_size=2)
     groups = [[seq(40 + g, *[7] * length), seq(40 + g)] for g, length in enumerate([9, 1, 5, 3, 8, 2])]
@@ -229,7 +229,7 @@ def test_reward_evaluation_scores_the_accuracy_of_every_pair(tmp_path, tiny_poli
 
 
 def test_reward_evaluation_reads_each_held_out_sequence_once(tmp_path, tiny_policy_dir):
-    """The loss and the accuracy come from one pass: the evaluation is a demo's costliest part."""
+    """The loss and the accuracy come from one pass (two passes were a third of the demo's reward stage)."""
     cfg = run_config(tmp_path, "reward", micro_batch_size=2)
     held_out = [[seq(7), seq(1)], [seq(6), seq(2), seq(3)], [seq(5), seq(4)]]
     task = RewardTask(cfg, [[seq(1), seq(2)]], held_out, init_dir=tiny_policy_dir, out_dir=tmp_path / "reward")
