@@ -22,13 +22,22 @@ def flops_per_token(config: PretrainedConfig, seq_len: int, num_params: int) -> 
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """The GPU's datasheet peak, or on a CPU the rate this process measures for a large matmul."""
+    """The GPU's datasheet peak, or on a CPU one thread's measured matmul rate times the threads
+    torch uses. Measured with all threads at once, one core busy elsewhere (a Ray process
+    starting up) slows every thread to its pace, and MFU came out above 1."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peak in GPU_PEAK_BF16.items():
             if key in name:
                 return peak if dtype == torch.bfloat16 else peak / 2
-    return measured_matmul_flops(device, dtype)
+    if device.type != "cpu":
+        return measured_matmul_flops(device, dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return measured_matmul_flops(device, dtype) * threads
+    finally:
+        torch.set_num_threads(threads)
 
 
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 6) -> float:

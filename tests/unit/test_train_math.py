@@ -197,3 +197,38 @@ def test_precision_auto_uses_bf16_on_gpus_and_on_cpus_with_native_bf16():
     assert uses_bf16("bfloat16", cpu) and not uses_bf16("float32", cpu)
     assert uses_bf16("auto", torch.device("cuda"))
     assert uses_bf16("auto", cpu) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_a_cpus_peak_is_not_pulled_down_by_a_process_busy_on_another_core():
+    """MFU's denominator on a CPU: the matmul rate of every core the process uses. Measured with
+    all threads at once, one core busy elsewhere (a Ray process starting, the driver) slowed every
+    thread to its pace: the demo's pretraining reported MFU 1.1 against a halved peak."""
+    import multiprocessing
+    import os
+
+    from rlhf_ray.train.flops import measured_matmul_flops, peak_flops
+
+    threads = min(len(os.sched_getaffinity(0)), 4)
+    if threads < 2:
+        pytest.skip("one core: nothing else can pull the measurement down")
+    suite_threads = torch.get_num_threads()
+    busy = [multiprocessing.get_context("spawn").Process(target=_spin, daemon=True)
+            for _ in range(threads - 1)]  # every core but one busy
+    try:
+        torch.set_num_threads(1)
+        one_thread = measured_matmul_flops(torch.device("cpu"), torch.float32)
+        torch.set_num_threads(threads)
+        for process in busy:
+            process.start()
+        peak = peak_flops(torch.device("cpu"), torch.float32)
+        assert torch.get_num_threads() == threads  # left as it was
+    finally:
+        for process in busy:
+            process.kill()
+        torch.set_num_threads(suite_threads)
+    assert peak >= 0.8 * threads * one_thread
+
+
+def _spin() -> None:
+    while True:
+        pass
