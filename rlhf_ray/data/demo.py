@@ -31,13 +31,16 @@ ALWAYS_SFT = "France"  # the talk's example must be trained on
 # --------------------------------------------------------------------------- facts as text
 
 
-# A full sentence per fact; {n} is the country, {v} the fact. The first is the canonical answer.
+# A full sentence per fact; {n} is the country, {v} the fact. The first is the canonical answer,
+# and names the country after a word, as the questions do: the tokenizer writes a text's opening
+# word as another token ("Germany" vs " Germany"), which the model learns to copy only for the
+# SFT countries (opening with the name, SFT got 3 of 23 held-out continents right).
 STATEMENTS = {
     "capital": ["The capital of {n} is {v}.", "{v} is the capital of {n}.",
                 "The capital city of {n} is {v}."],
     "language": ["The main language of {n} is {v}.", "Most people in {n} speak {v}.",
                  "{v} is the main language spoken in {n}."],
-    "continent": ["{n} is in {v}.", "{n} is a country in {v}.", "{n} is located in {v}."],
+    "continent": ["The continent of {n} is {v}.", "{n} is in {v}.", "{n} is a country in {v}."],
     "population": ["The population of {n} is about {v}.", "About {v} people live in {n}.",
                    "{n} has a population of about {v}."],
     "currency": ["The currency of {n} is the {v}.", "{n} uses the {v}.",

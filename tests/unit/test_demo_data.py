@@ -191,3 +191,25 @@ def test_every_generated_file_reads_as_records(demo: dict[str, Path]) -> None:
              "compare": PromptRecord}
     for name, kind in kinds.items():
         assert len(read_records(demo[name], kind)) == len(rows(demo[name]))
+
+
+def test_the_canonical_answer_repeats_the_countrys_name_as_the_question_writes_it() -> None:
+    """The tokenizer writes a word that opens a text differently from the same word after a space
+    ("Germany" vs " Germany"). An answer that opens with the country's name makes the model turn
+    the question's " Germany" into another token, which it learns only for the SFT countries: on
+    held-out ones the demo's SFT model answered "Which continent is Cambodia in?" with "Portugal
+    is in Europe." (3 of 23 right), though given "Cambodia" it went on "is in Asia." (23 of 23)."""
+    import regex
+
+    from rlhf_ray.config import GPT4_SPLIT_PATTERN
+    from rlhf_ray.data.demo import QUESTIONS, STATEMENTS
+
+    for attribute in ATTRIBUTES:
+        for country in COUNTRIES:
+            answer = STATEMENTS[attribute][0].format(n=country.name, v=fact(country, attribute))
+            name = regex.findall(GPT4_SPLIT_PATTERN, f"which {country.name}")[1:]  # as questions write it
+            pieces = regex.findall(GPT4_SPLIT_PATTERN, answer)
+            assert any(pieces[i : i + len(name)] == name for i in range(len(pieces))), (attribute, answer)
+            for template in QUESTIONS[attribute]:
+                asked = regex.findall(GPT4_SPLIT_PATTERN, template.format(n=country.name))
+                assert any(asked[i : i + len(name)] == name for i in range(len(asked))), template
