@@ -2,7 +2,8 @@
 
 Policies are causal LMs. Reward and value models are the same backbone with a scalar head
 (`AutoModelForSequenceClassification`, `num_labels=1`) whose score is read at the last non-pad
-token.
+token. A reward model may also weigh in how likely its own language model finds the response
+(`likelihood_weight` in its config.json; see `sequence_scores`).
 """
 
 from __future__ import annotations
@@ -87,11 +88,22 @@ def load_policy(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedM
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
 
 
-def load_scalar_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A reward/value model: a saved one, or a policy folder given a new scalar head."""
+# The key in a reward model's config.json: the weight of the response's mean log-probability
+# in its score (absent or 0: the scalar head alone).
+LIKELIHOOD_WEIGHT = "likelihood_weight"
+
+
+def load_scalar_model(folder: Path, dtype: torch.dtype = torch.float32,
+                      likelihood_weight: float | None = None) -> PreTrainedModel:
+    """A reward/value model: a saved one, or a policy folder given a new scalar head.
+    `likelihood_weight` sets the weight of the likelihood term (as a new reward model starts);
+    by default the folder's own. A model with untied embeddings keeps its language-model head
+    for that term."""
     check_model_folder(folder)
     config = AutoConfig.from_pretrained(str(folder))
     config.num_labels = 1
+    if likelihood_weight is not None:
+        setattr(config, LIKELIHOOD_WEIGHT, likelihood_weight)
     pad = load_tokenizer(folder).pad_id
     if config.pad_token_id is None:
         config.pad_token_id = pad
@@ -99,7 +111,36 @@ def load_scalar_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTr
         raise ValueError(f"{folder / 'config.json'}: pad_token_id {config.pad_token_id} is not the "
                          f"tokenizer's pad id {pad} (the folder's tokenizer files); a batch padded "
                          "with one would be read with the other")
-    return AutoModelForSequenceClassification.from_pretrained(str(folder), config=config, dtype=dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder), config=config, dtype=dtype)
+    if likelihood_weight_of(model) and not config.tie_word_embeddings:
+        model.lm_head = _saved_lm_head(folder, model, dtype)
+    return model
+
+
+def _saved_lm_head(folder: Path, model: PreTrainedModel, dtype: torch.dtype) -> torch.nn.Linear:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as f:
+        if "lm_head.weight" not in f.keys():
+            raise ValueError(f"{folder / WEIGHTS_FILE}: no lm_head.weight, which a reward model with "
+                             f"{LIKELIHOOD_WEIGHT} > 0 and untied embeddings reads the response's "
+                             "likelihood with; start it from a causal LM folder (sft/)")
+        weight = f.get_tensor("lm_head.weight").to(dtype)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False, dtype=dtype)
+    head.weight.data.copy_(weight)
+    return head
+
+
+def saved_likelihood_weight(folder: Path) -> float:
+    """The likelihood weight a saved reward model's config.json gives (0 for any other folder)."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return float(config.get(LIKELIHOOD_WEIGHT) or 0.0)
+
+
+def likelihood_weight_of(model: torch.nn.Module) -> float:
+    """The weight of the likelihood term in a reward model's score (0: the scalar head alone)."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return float(getattr(config, LIKELIHOOD_WEIGHT, 0.0) or 0.0)
 
 
 def pad(sequences: Sequence[Sequence[int] | np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,18 +154,36 @@ def pad(sequences: Sequence[Sequence[int] | np.ndarray], pad_id: int) -> tuple[t
     return ids, attention
 
 
-def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                    ) -> torch.Tensor:
+def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    response_mask: torch.Tensor | None = None) -> torch.Tensor:
     """A scalar-head model's score (B,) at each sequence's last real token, found from the
     attention mask: transformers finds it from pad_token_id, which may also be a real token (a
     pad shared with the end-of-text token ends every finished response). The pass goes through
-    the model's own forward, so a DistributedDataParallel wrapper still syncs the gradients."""
+    the model's own forward, so a DistributedDataParallel wrapper still syncs the gradients.
+
+    A reward model with a likelihood weight w adds w times the mean log-probability its own
+    language model (the same hidden states, read by the tied embeddings or the kept lm_head)
+    gives the response's tokens: `response_mask` (B, T-1), 1 where column t predicts a response
+    token. The head learns what the labeler likes; the likelihood carries what the model knows
+    (a false fact is unlikely), which a head learns slowly from comparisons alone."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     hidden = out.hidden_states[-1]  # after the final norm: what the score head reads
     columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last = (columns * attention_mask).argmax(1)  # the last 1 of each row, left- or right-padded
-    head = getattr(model, "module", model).score
-    return head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1)
+    inner = getattr(model, "module", model)
+    scores = inner.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1)
+    weight = likelihood_weight_of(model)
+    if not weight:
+        return scores
+    if response_mask is None:
+        raise ValueError(f"this reward model's score includes the response's likelihood "
+                         f"({LIKELIHOOD_WEIGHT} {weight}): pass response_mask")
+    head = inner.lm_head if hasattr(inner, "lm_head") else inner.get_input_embeddings()
+    logits = torch.nn.functional.linear(hidden[:, :-1], head.weight).float()
+    token_logprobs = logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    mask = response_mask.to(token_logprobs.dtype)
+    mean = (token_logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return scores.float() + weight * mean
 
 
 def score_conversations(model: PreTrainedModel, tokenizer: ChatTokenizer,
@@ -133,6 +192,7 @@ def score_conversations(model: PreTrainedModel, tokenizer: ChatTokenizer,
     `/v1/score`, the evaluation across stages and the report all read. A conversation longer
     than the model's context is refused by name rather than truncated."""
     rendered = [tokenizer.render_chat(c)[0] for c in conversations]
+    responses = [last_turn_mask(tokenizer, c) for c in conversations]
     limit = model.config.max_position_embeddings
     if rendered and (longest := max(map(len, rendered))) > limit:
         raise ValueError(f"a conversation is {longest} tokens; the reward model's context is {limit}")
@@ -140,9 +200,19 @@ def score_conversations(model: PreTrainedModel, tokenizer: ChatTokenizer,
     scores: list[float] = []
     for start in range(0, len(rendered), batch_size):
         ids, attention = pad(rendered[start:start + batch_size], tokenizer.pad_id)
+        response, _ = pad(responses[start:start + batch_size], 0)
         with torch.no_grad():
-            scores += sequence_scores(model, ids.to(device), attention.to(device)).float().tolist()
+            scores += sequence_scores(model, ids.to(device), attention.to(device),
+                                      response[:, 1:].to(device)).float().tolist()
     return scores
+
+
+def last_turn_mask(tokenizer: ChatTokenizer, conversation: Sequence[Message]) -> list[int]:
+    """1 on the tokens of the conversation's last (assistant) turn that the assistant says, as
+    `render_chat` marks them: the response a reward model judges; earlier turns are context."""
+    _, mask = tokenizer.render_chat(conversation)
+    context = len(tokenizer.render_chat(conversation[:-1])[0])
+    return [0] * context + mask[context:]
 
 
 def save_model(model: PreTrainedModel, tokenizer: ChatTokenizer, dest: Path) -> None:

@@ -37,7 +37,7 @@ from rlhf_ray.cluster import joins_cluster
 from rlhf_ray.config import PPOConfig, RunConfig
 from rlhf_ray.data.readers import read_many
 from rlhf_ray.data.records import PromptRecord
-from rlhf_ray.modeling import check_model_folder, model_max_len
+from rlhf_ray.modeling import check_model_folder, model_max_len, saved_likelihood_weight
 from rlhf_ray.plan import check_fits_here
 from rlhf_ray.rl import actors, weight_sync
 from rlhf_ray.rl.group import Pending, RoleGroup, get_all
@@ -162,6 +162,18 @@ def latest_checkpoint(folder: Path) -> Path | None:
 # --------------------------------------------------------------------------- the controller
 
 
+def value_start(reward_dir: Path, sft_dir: Path) -> Path:
+    """Where the value model starts: the reward model, whose head already scores a response at
+    every token, when its score is that head alone; else sft/ with a new head. A reward model
+    with a likelihood weight has a head that is only part of its score (it learns to offset the
+    likelihood term), and a value model started there steers GAE's per-token advantages by what
+    that head alone likes (measured on the demo: the policy learned the pleasantry the reward
+    model ranks down, docs/demo.md)."""
+    if reward_dir.exists() and not saved_likelihood_weight(reward_dir):
+        return reward_dir
+    return sft_dir
+
+
 class PPOTrainer:
     """Starts the actors (resuming from the newest checkpoint) and runs steps, evals and saves."""
 
@@ -197,8 +209,7 @@ class PPOTrainer:
         self.kl = KLController(state.get("kl_coef", ppo.kl_coef), ppo.kl_target)
         self.restarts_left = ppo.engine_restarts
         policy_dir = checkpoint / "policy" if checkpoint else self.sft_dir
-        value_dir = (checkpoint / "value" if checkpoint
-                     else self.reward_dir if self.reward_dir.exists() else self.sft_dir)
+        value_dir = checkpoint / "value" if checkpoint else value_start(self.reward_dir, self.sft_dir)
 
         self.uses_value = ppo.estimator == "gae"
         roles = ["rollout", "policy", "reference"]

@@ -177,8 +177,9 @@ class SequenceScores(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return sequence_scores(self.model, sequences, attention_mask).float()
+    def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                response_mask: torch.Tensor) -> torch.Tensor:
+        return sequence_scores(self.model, sequences, attention_mask, response_mask).float()
 
 
 def _setup(device: str | torch.device | None, precision: str, threads: int | None
@@ -586,5 +587,7 @@ class RewardModelRole(_Frozen):
                          world_size, strategy)
 
     def score(self, exp: Experience) -> torch.Tensor:
-        """The score (rows,) of this rank's rows, read at each sequence's last real token."""
-        return self._forward_rows(exp, lambda share: self.net(share.sequences, share.attention_mask))
+        """The score (rows,) of this rank's rows, read at each sequence's last real token (and,
+        for a reward model with a likelihood weight, from its response's tokens)."""
+        return self._forward_rows(exp, lambda share: self.net(share.sequences, share.attention_mask,
+                                                              share.response_mask))

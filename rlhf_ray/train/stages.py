@@ -111,8 +111,8 @@ def reward_task(cfg: RunConfig, files: dict[str, list[Path]]) -> RewardTask:
     _require_model(init, "reward")
     tokenizer = load_tokenizer(init)
     limit = cfg.model.max_seq_len
-    return RewardTask(cfg, comparison_groups(_records(files, "reward", ComparisonRecord), tokenizer, limit),
-                      comparison_groups(read_many(files["reward_eval"], ComparisonRecord), tokenizer, limit),
+    return RewardTask(cfg, preference_groups(_records(files, "reward", ComparisonRecord), tokenizer, limit),
+                      preference_groups(read_many(files["reward_eval"], ComparisonRecord), tokenizer, limit),
                       init_dir=init, out_dir=RunFolder(cfg.run_dir).output("reward"))
 
 

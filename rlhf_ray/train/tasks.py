@@ -33,9 +33,6 @@ from rlhf_ray.train.loop import Batch, uses_bf16
 from rlhf_ray.train.losses import (IGNORE, bradley_terry_loss, lm_loss, ranking_dpo_loss, ranking_pairs,
                                    sequence_logprobs, shifted_labels)
 
-Sequence = np.ndarray  # token ids of one example
-
-
 def worker_slice(items: list, rank: int, world: int) -> list:
     """This worker's contiguous share of `items`; the shares differ by at most one and cover all."""
     if len(items) < world:
@@ -189,8 +186,8 @@ class SFTTask(_LanguageModelTask):
         save_model(model, load_tokenizer(self.init_dir), self.out_dir)
 
 
-def longest(group: list[Sequence]) -> int:
-    return max(map(len, group))
+def longest_example(group: list[ChatExample]) -> int:
+    return max(len(e.ids) for e in group)
 
 
 def comparison_losses(scores: list[torch.Tensor]) -> torch.Tensor:
@@ -225,8 +222,8 @@ class RewardTask(_ComparisonTask):
     """Bradley–Terry on ranked responses; a comparison's pairs share one batch and count as one."""
 
     cfg: RunConfig
-    groups: list[list[Sequence]]  # per comparison: full conversations, best response first
-    eval_groups: list[list[Sequence]]
+    groups: list[list[ChatExample]]  # per comparison: prompt + response, best first; mask: the response
+    eval_groups: list[list[ChatExample]]
     init_dir: Path  # sft/
     out_dir: Path  # reward/
     name: str = "reward"
@@ -234,25 +231,26 @@ class RewardTask(_ComparisonTask):
     def __post_init__(self) -> None:
         self.stage = self.cfg.reward
         self.pad_id = load_tokenizer(self.init_dir).pad_id
-        self.seq_len = max(len(s) for g in self.groups for s in g)
+        self.seq_len = max(len(e.ids) for g in self.groups for e in g)
 
     def build_model(self) -> torch.nn.Module:
         torch.manual_seed(self.cfg.seed)  # the new scalar head
-        return load_scalar_model(self.init_dir)
+        return load_scalar_model(self.init_dir, likelihood_weight=self.stage.likelihood_weight)
 
-    def _batch(self, groups: list[list[Sequence]]) -> Batch:
-        ids, attention = pad([s for g in groups for s in g], self.pad_id)
-        return {"input_ids": ids, "attention_mask": attention,
+    def _batch(self, groups: list[list[ChatExample]]) -> Batch:
+        ids, attention = pad([e.ids for g in groups for e in g], self.pad_id)
+        mask, _ = pad([e.mask for g in groups for e in g], 0)
+        return {"input_ids": ids, "attention_mask": attention, "response_mask": mask[:, 1:],
                 "group_sizes": torch.tensor([len(g) for g in groups])}
 
     def micro_batches(self, step: int, rank: int, world: int) -> list[Batch]:
         order = epoch_order(len(self.groups), self.stage.batch_size, step, self.cfg.seed)
         mine = [self.groups[i] for i in worker_slice(order, rank, world)]
-        return [self._batch(c) for c in micro_chunks(mine, self.stage.micro_batch_size, longest)]
+        return [self._batch(c) for c in micro_chunks(mine, self.stage.micro_batch_size, longest_example)]
 
     def scores(self, model: torch.nn.Module, batch: Batch) -> list[torch.Tensor]:
         """The scalar reward of every sequence, split back into comparisons."""
-        rewards = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+        rewards = sequence_scores(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
         return list(torch.split(rewards.float(), batch["group_sizes"].tolist()))
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,7 +265,7 @@ class RewardTask(_ComparisonTask):
         loss_sum = 0.0
         device = next(model.parameters()).device
         with torch.no_grad():
-            for chunk in micro_chunks(self.eval_groups, self.stage.micro_batch_size, longest):
+            for chunk in micro_chunks(self.eval_groups, self.stage.micro_batch_size, longest_example):
                 batch = {k: v.to(device) for k, v in self._batch(chunk).items()}
                 scores = self.scores(model, batch)  # one pass gives both the loss and the accuracy
                 loss_sum += comparison_losses(scores).sum().item()
@@ -276,10 +274,6 @@ class RewardTask(_ComparisonTask):
                     correct += int((rewards[better] > rewards[worse]).sum())
                     total += len(better)
         return {"eval_loss": loss_sum / len(self.eval_groups), "eval_accuracy": correct / max(total, 1)}
-
-
-def longest_example(group: list[ChatExample]) -> int:
-    return max(len(e.ids) for e in group)
 
 
 @dataclass

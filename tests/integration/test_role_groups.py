@@ -9,6 +9,7 @@ import torch
 
 from rlhf_ray.cluster import ACTOR_ENV
 from rlhf_ray.config import PPOConfig
+from rlhf_ray.modeling import load_scalar_model, save_model
 from rlhf_ray.rl.actors import PolicyActor, ReferenceActor, RewardActor, ValueActor
 from rlhf_ray.rl.group import RoleGroup
 from rlhf_ray.rl.roles import PolicyRole, ReferenceRole, RewardModelRole, ValueRole, pack_rollouts
@@ -103,12 +104,22 @@ def test_a_two_worker_value_update_equals_the_one_worker_update(strategy, exp, t
     assert loss == pytest.approx(expected_loss, rel=1e-4)
 
 
+@pytest.fixture(scope="module")
+def likelihood_reward_dir(tiny_reward_dir, tiny_tokenizer):
+    """The tiny reward model with a likelihood term: its score also reads the embeddings, which
+    FSDP shards with the rest."""
+    folder = tiny_reward_dir.parent / "reward-likelihood"
+    save_model(load_scalar_model(tiny_reward_dir, likelihood_weight=1.0), tiny_tokenizer, folder)
+    return folder
+
+
 @pytest.mark.parametrize("strategy", ["replicate", "fsdp"])
 def test_frozen_replicas_split_the_rows_and_compute_what_one_does(strategy, exp, tiny_policy_dir,
-                                                                  tiny_reward_dir):
-    reference, reward = ReferenceRole(tiny_policy_dir, device="cpu"), RewardModelRole(tiny_reward_dir, device="cpu")
+                                                                  likelihood_reward_dir):
+    reference = ReferenceRole(tiny_policy_dir, device="cpu")
+    reward = RewardModelRole(likelihood_reward_dir, device="cpu")
     references = group(ReferenceActor, 2, model_dir=tiny_policy_dir, strategy=strategy)
-    rewards = group(RewardActor, 2, model_dir=tiny_reward_dir, strategy=strategy)
+    rewards = group(RewardActor, 2, model_dir=likelihood_reward_dir, strategy=strategy)
     try:
         exp_ref = ray.put(exp)
         logprobs, scores = references.rows("logprobs", exp_ref), rewards.rows("score", exp_ref)

@@ -19,7 +19,7 @@ from rlhf_ray.data.readers import read_records
 from rlhf_ray.data.records import ComparisonRecord, PromptRecord
 from rlhf_ray.train.stages import reward_task
 from rlhf_ray.config import load_config
-from rlhf_ray.modeling import load_policy, load_scalar_model
+from rlhf_ray.modeling import likelihood_weight_of, load_policy, load_scalar_model
 from rlhf_ray.pipeline import make_demo_data, make_tokenizer, prepare_run, reward_files, train_model
 
 pytestmark = pytest.mark.integration
@@ -51,7 +51,8 @@ def test_the_three_stages_train_on_two_workers_and_export_hf_folders(run):
     assert "eval_accuracy" in metrics(run, "reward")[-1]
     load_policy(run / "base")
     load_policy(run / "sft")
-    assert load_scalar_model(run / "reward").config.num_labels == 1
+    reward = load_scalar_model(run / "reward")
+    assert reward.config.num_labels == 1 and likelihood_weight_of(reward) == cfg.reward.likelihood_weight == 1.0
 
 
 def test_sft_starts_from_base_and_reward_from_sft(run):

@@ -120,3 +120,65 @@ def test_a_failed_save_leaves_no_folder_behind(tmp_path, tiny_tokenizer, tiny_po
     with pytest.raises(OSError, match="disk full"):
         save_model(model, BrokenTokenizer(), tmp_path / "sft")
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- the likelihood term
+
+
+def _by_hand(policy_dir, tokenizer, conversation, weight):
+    """The head's score plus `weight` times the mean log-probability of the last turn's tokens
+    under the policy the reward model started from, computed apart."""
+    from rlhf_ray.data.records import Message
+
+    messages = [Message(**m) for m in conversation]
+    ids, mask = tokenizer.render_chat(messages)
+    context = len(tokenizer.render_chat(messages[:-1])[0])
+    with torch.no_grad():
+        logprobs = load_policy(policy_dir)(torch.tensor([ids])).logits[0].log_softmax(-1)
+    said = [t for t in range(context, len(ids)) if mask[t]]
+    return weight * sum(logprobs[t - 1, ids[t]].item() for t in said) / len(said), messages
+
+
+CONVERSATION = [{"role": "user", "content": "Capital?"}, {"role": "assistant", "content": "Paris."},
+                {"role": "user", "content": "And Peru?"}, {"role": "assistant", "content": "The capital of Peru is Lima."}]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_likelihood_weighted_reward_adds_the_last_turns_mean_logprob_to_the_head(tmp_path, tiny_tokenizer, tied):
+    """score = head(last token) + w * mean log pi(response token | before), pi the reward model's
+    own language model: the tied embeddings, or the lm_head kept from the policy it started from."""
+    from rlhf_ray.modeling import LIKELIHOOD_WEIGHT, new_policy, score_conversations
+
+    policy = new_policy(TINY_MODEL.model_copy(update={"tie_word_embeddings": tied}), tiny_tokenizer, seed=1)
+    save_model(policy, tiny_tokenizer, tmp_path / "policy")
+    torch.manual_seed(0)
+    reward = load_scalar_model(tmp_path / "policy", likelihood_weight=2.0).eval()
+    likelihood, messages = _by_hand(tmp_path / "policy", tiny_tokenizer, CONVERSATION, 2.0)
+    score = score_conversations(reward, tiny_tokenizer, [messages])[0]
+    setattr(reward.config, LIKELIHOOD_WEIGHT, 0.0)
+    head = score_conversations(reward, tiny_tokenizer, [messages])[0]
+    setattr(reward.config, LIKELIHOOD_WEIGHT, 2.0)
+    assert likelihood < -1  # a random model: a real term, not a rounding
+    assert score == pytest.approx(head + likelihood, abs=1e-4)
+
+    save_model(reward, tiny_tokenizer, tmp_path / "reward")  # the weight and the head travel along
+    reloaded = load_scalar_model(tmp_path / "reward").eval()
+    assert score_conversations(reloaded, tiny_tokenizer, [messages])[0] == pytest.approx(score, abs=1e-4)
+
+
+def test_a_reward_model_saved_with_a_likelihood_weight_loads_with_it(tmp_path, tiny_policy_dir, tiny_tokenizer):
+    from rlhf_ray.modeling import LIKELIHOOD_WEIGHT, likelihood_weight_of
+
+    save_model(load_scalar_model(tiny_policy_dir, likelihood_weight=1.5), tiny_tokenizer, tmp_path / "reward")
+    assert likelihood_weight_of(load_scalar_model(tmp_path / "reward")) == 1.5
+    assert likelihood_weight_of(load_scalar_model(tiny_policy_dir)) == 0.0  # a plain head by default
+    assert json.loads((tmp_path / "reward" / "config.json").read_text())[LIKELIHOOD_WEIGHT] == 1.5
+
+
+def test_a_likelihood_weighted_score_needs_to_know_the_response(tiny_policy_dir, tiny_tokenizer):
+    from rlhf_ray.modeling import sequence_scores
+
+    reward = load_scalar_model(tiny_policy_dir, likelihood_weight=1.0)
+    ids = torch.tensor([tiny_tokenizer.encode_document("Paris")])
+    with pytest.raises(ValueError, match="likelihood_weight 1.0.*response_mask"):
+        sequence_scores(reward, ids, torch.ones_like(ids))

@@ -276,3 +276,16 @@ def test_http_reward_rejects_bad_answers_by_name(scorer_url, answer, message):
 def test_an_unreachable_scorer_is_named():
     with pytest.raises(ValueError, match=r"reward scorer http://127.0.0.1:9/score unreachable"):
         HTTPReward("http://127.0.0.1:9/score", timeout_s=2).score(["x"])
+
+
+def test_the_value_model_starts_from_the_reward_model_only_when_its_head_is_the_whole_score(
+        tmp_path, tiny_policy_dir, tiny_reward_dir, tiny_tokenizer):
+    """A likelihood-weighted reward model's head is only part of its score: a value model started
+    from it would steer GAE by what the head alone likes, so it starts from sft/ instead."""
+    from rlhf_ray.modeling import load_scalar_model, save_model
+    from rlhf_ray.rl.ppo import value_start
+
+    assert value_start(tiny_reward_dir, tiny_policy_dir) == tiny_reward_dir
+    save_model(load_scalar_model(tiny_reward_dir, likelihood_weight=2.0), tiny_tokenizer, tmp_path / "reward")
+    assert value_start(tmp_path / "reward", tiny_policy_dir) == tiny_policy_dir
+    assert value_start(tmp_path / "no-reward", tiny_policy_dir) == tiny_policy_dir  # reward_source function/http

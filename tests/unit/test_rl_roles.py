@@ -243,6 +243,29 @@ def test_reward_model_scores_ignore_padding(tiny_reward_dir, exp):
         assert scores[i].item() == pytest.approx(alone.item(), abs=1e-5)
 
 
+def test_ppo_scores_a_rollout_as_evaluation_scores_the_conversation(tiny_policy_dir, tiny_tokenizer, tmp_path):
+    """With a likelihood weight the score reads the response's tokens: PPO's rollout (prompt ids,
+    then the sampled ids ending with the stop token) and the same exchange as a conversation
+    (/v1/score, the evaluation) mark the same tokens, so they get the same score."""
+    from rlhf_ray.modeling import save_model, score_conversations
+
+    tok = tiny_tokenizer
+    torch.manual_seed(0)
+    save_model(load_scalar_model(tiny_policy_dir, likelihood_weight=2.0), tok, tmp_path / "reward")
+    question, answer = "Capital of Peru?", "The capital of Peru is Lima."
+    exp = pack_rollouts([rollout(tok.render_prompt([Message(role="user", content=question)]),
+                                 tok.encode(answer) + [tok.end_id]),
+                         rollout(tok.render_prompt([Message(role="user", content="Kenya?")]),
+                                 tok.encode("Nairobi") + [tok.end_id])], tok.pad_id, temperature=1.0)
+    in_ppo = RewardModelRole(tmp_path / "reward", device="cpu").score(exp)
+    model = load_scalar_model(tmp_path / "reward").eval()
+    as_chat = score_conversations(model, tok, [[Message(role="user", content=question),
+                                                Message(role="assistant", content=answer)],
+                                               [Message(role="user", content="Kenya?"),
+                                                Message(role="assistant", content="Nairobi")]])
+    assert in_ppo.tolist() == pytest.approx(as_chat, abs=1e-4)
+
+
 def test_reward_is_read_at_the_last_real_token_even_when_it_is_the_pad_id(tiny_reward_dir):
     """A response that ends with a token equal to pad_token_id (as when eos is the pad) is scored
     at that token, found from the attention mask; transformers' own pooling, which looks for

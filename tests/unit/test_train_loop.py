@@ -144,28 +144,64 @@ def seq(*ids: int) -> np.ndarray:
     return np.array([0, *ids], dtype=np.int32)
 
 
+def as_examples(groups: list[list[np.ndarray]]) -> list[list[ChatExample]]:
+    """Comparisons of token ids as the reward task takes them: all but the first token the response."""
+    return [[ChatExample(ids=s, mask=np.array([0] + [1] * (len(s) - 1), dtype=np.int8)) for s in g]
+            for g in groups]
+
+
 def test_reward_loss_of_a_comparison_is_the_mean_of_its_pairs_and_counts_once(tmp_path, tiny_policy_dir):
     cfg = run_config(tmp_path, "reward")
     groups = [[seq(5), seq(9, 3), seq(1)], [seq(2), seq(6)]]
-    task = RewardTask(cfg, groups, [], init_dir=tiny_policy_dir, out_dir=tmp_path / "reward")
-    loss, count = task.loss(LastTokenReward(), task._batch(groups))
+    task = RewardTask(cfg, as_examples(groups), [], init_dir=tiny_policy_dir, out_dir=tmp_path / "reward")
+    loss, count = task.loss(LastTokenReward(), task._batch(as_examples(groups)))
     # rewards 5, 3, 1: pairs differ by 2, 4, 2; rewards 2, 6: the better one scores 4 less
     assert loss.item() == pytest.approx((bt(2) + bt(4) + bt(2)) / 3 + bt(-4))
     assert int(count) == 2
 
 
 def test_reward_loss_of_the_tiny_model_matches_its_scores_by_hand(tmp_path, tiny_policy_dir, tokenizer):
-    cfg = run_config(tmp_path, "reward")
+    cfg = run_config(tmp_path, "reward", likelihood_weight=0.0)  # the head alone
     group = [np.array(tokenizer.encode_document(text), dtype=np.int32)
              for text in ("The capital of France is Paris.", "Paris.", "The capital of France is Lima.")]
-    task = RewardTask(cfg, [group], [], init_dir=tiny_policy_dir, out_dir=tmp_path / "reward")
+    task = RewardTask(cfg, as_examples([group]), [], init_dir=tiny_policy_dir, out_dir=tmp_path / "reward")
     model = task.build_model().eval()
     with torch.no_grad():
         alone = [model(input_ids=torch.from_numpy(s.astype(np.int64))[None]).logits[0, 0].item() for s in group]
-        loss, count = task.loss(model, task._batch([group]))
+        loss, count = task.loss(model, task._batch(as_examples([group])))
     expected = sum(bt(alone[i] - alone[j]) for i, j in combinations(range(3), 2)) / 3
     assert loss.item() == pytest.approx(expected, rel=1e-4)
     assert int(count) == 1
+
+
+def test_with_a_likelihood_weight_each_response_scores_its_head_plus_its_mean_logprob(tmp_path, tiny_policy_dir,
+                                                                                    tokenizer):
+    """The reward task trains score = head + w * mean log pi(response | prompt), pi the reward model's
+    own language model (sft/'s at the start): the loss by hand from sft/'s logprobs and the head."""
+    from rlhf_ray.data.records import ComparisonRecord
+    from rlhf_ray.modeling import LIKELIHOOD_WEIGHT
+    from rlhf_ray.train.stages import preference_groups
+
+    cfg = run_config(tmp_path, "reward", likelihood_weight=2.0)
+    responses = ["The capital of France is Paris.", "Paris.", "The capital of France is Lima."]
+    record = ComparisonRecord.model_validate({"prompt": "Capital of France?", "responses": responses})
+    groups = preference_groups([record], tokenizer, 512)
+    task = RewardTask(cfg, groups, [], init_dir=tiny_policy_dir, out_dir=tmp_path / "reward")
+    model = task.build_model().eval()
+    assert getattr(model.config, LIKELIHOOD_WEIGHT) == 2.0
+    policy = load_policy(tiny_policy_dir).eval()
+    expected = []
+    with torch.no_grad():
+        for example in groups[0]:
+            ids = torch.from_numpy(example.ids.astype(np.int64))[None]
+            head = model(input_ids=ids).logits[0, 0].item()
+            logprobs = policy(ids).logits[0].log_softmax(-1)
+            said = [t for t in range(len(example.ids)) if example.mask[t]]
+            expected.append(head + 2.0 * sum(logprobs[t - 1, example.ids[t]].item() for t in said) / len(said))
+        loss, count = task.loss(model, task._batch(groups))
+    assert loss.item() == pytest.approx(sum(bt(expected[i] - expected[j]) for i, j in combinations(range(3), 2)) / 3,
+                                        rel=1e-4)
+    assert expected[0] > expected[2]  # sft/ knows Paris (the new head is near 0): the false fact scores lower
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -174,7 +210,7 @@ def test_a_reward_micro_batch_keeps_every_response_of_a_comparison_together(tmp_
     # comparison g: responses [40+g, ..., rank], of varied lengths, best (rank 0) first
     groups = [[seq(40 + g, *[7] * ((g + rank) % 3), rank) for rank in range(size)]
               for g, size in enumerate([3, 2, 2, 3, 2])]
-    task = RewardTask(cfg, groups, [], init_dir=tiny_policy_dir, out_dir=tmp_path / "reward")
+    task = RewardTask(cfg, as_examples(groups), [], init_dir=tiny_policy_dir, out_dir=tmp_path / "reward")
     for step in range(3):  # 5 comparisons, 4 a step: step 1 crosses into the second epoch
         seen = []
         for rank in range(world):
@@ -197,7 +233,7 @@ def test_a_step_is_cut_into_micro_batches_shortest_first(tmp_path, tiny_policy_d
     """Padding is to each micro-batch's longest: similar lengths together pad the least."""
     cfg = run_config(tmp_path, "reward", batch_size=6, micro_batch_size=2)
     groups = [[seq(40 + g, *[7] * length), seq(40 + g)] for g, length in enumerate([9, 1, 5, 3, 8, 2])]
-    task = RewardTask(cfg, groups, [], init_dir=tiny_policy_dir, out_dir=tmp_path / "reward")
+    task = RewardTask(cfg, as_examples(groups), [], init_dir=tiny_policy_dir, out_dir=tmp_path / "reward")
     widths = [batch["input_ids"].shape[1] for batch in task.micro_batches(0, 0, 1)]
     assert widths == [1 + 1 + 2, 1 + 1 + 5, 1 + 1 + 9]  # pairs (1, 2), (3, 5), (8, 9)
 
@@ -218,8 +254,8 @@ def test_reward_evaluation_scores_the_accuracy_of_every_pair(tmp_path, tiny_poli
              "reversed": [seq(1), seq(4, 3), seq(7)],
              "one pair swapped": [seq(7), seq(1), seq(4, 3)]}[ranking]
     second = [seq(2), seq(6)] if ranking == "reversed" else [seq(6), seq(2)]
-    task = RewardTask(cfg, [[seq(1), seq(2)]], [first, second], init_dir=tiny_policy_dir,
-                      out_dir=tmp_path / "reward")
+    task = RewardTask(cfg, as_examples([[seq(1), seq(2)]]), as_examples([first, second]),
+                      init_dir=tiny_policy_dir, out_dir=tmp_path / "reward")
     result = task.evaluate(LastTokenReward())
     assert result["eval_accuracy"] == pytest.approx(accuracy)
     rewards = [[float(s[-1]) for s in group] for group in (first, second)]
@@ -232,7 +268,8 @@ def test_reward_evaluation_reads_each_held_out_sequence_once(tmp_path, tiny_poli
     """The loss and the accuracy come from one pass (two passes were a third of the demo's reward stage)."""
     cfg = run_config(tmp_path, "reward", micro_batch_size=2)
     held_out = [[seq(7), seq(1)], [seq(6), seq(2), seq(3)], [seq(5), seq(4)]]
-    task = RewardTask(cfg, [[seq(1), seq(2)]], held_out, init_dir=tiny_policy_dir, out_dir=tmp_path / "reward")
+    task = RewardTask(cfg, as_examples([[seq(1), seq(2)]]), as_examples(held_out), init_dir=tiny_policy_dir,
+                      out_dir=tmp_path / "reward")
     model = LastTokenReward()
     rows_read = []
     model.register_forward_hook(lambda module, args, kwargs, out: rows_read.append(len(kwargs["input_ids"])),
