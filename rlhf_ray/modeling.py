@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -118,8 +119,6 @@ def load_scalar_model(folder: Path, dtype: torch.dtype = torch.float32,
 
 
 def _saved_lm_head(folder: Path, model: PreTrainedModel, dtype: torch.dtype) -> torch.nn.Linear:
-    from safetensors import safe_open
-
     with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as f:
         if "lm_head.weight" not in f.keys():
             raise ValueError(f"{folder / WEIGHTS_FILE}: no lm_head.weight, which a reward model with "

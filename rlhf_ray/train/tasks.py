@@ -33,6 +33,7 @@ from rlhf_ray.train.loop import Batch, uses_bf16
 from rlhf_ray.train.losses import (IGNORE, bradley_terry_loss, lm_loss, ranking_dpo_loss, ranking_pairs,
                                    sequence_logprobs, shifted_labels)
 
+
 def worker_slice(items: list, rank: int, world: int) -> list:
     """This worker's contiguous share of `items`; the shares differ by at most one and cover all."""
     if len(items) < world:
