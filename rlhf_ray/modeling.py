@@ -29,7 +29,7 @@ from transformers.utils import logging as hf_logging
 from rlhf_ray.config import ModelConfig
 from rlhf_ray.data.records import Message
 from rlhf_ray.storage import atomic_folder
-from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer
+from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer, render_reply
 
 WEIGHTS_FILE = "model.safetensors"
 # A bar per tiny local folder loaded (the demo loads a dozen) says nothing.
@@ -178,11 +178,16 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
         raise ValueError(f"this reward model's score includes the response's likelihood "
                          f"({LIKELIHOOD_WEIGHT} {weight}): pass response_mask")
     head = inner.lm_head if hasattr(inner, "lm_head") else inner.get_input_embeddings()
-    logits = torch.nn.functional.linear(hidden[:, :-1], head.weight).float()
-    token_logprobs = logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    mask = response_mask.to(token_logprobs.dtype)
-    mean = (token_logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    logprobs = token_logprobs(torch.nn.functional.linear(hidden[:, :-1], head.weight).float(), input_ids)
+    mask = response_mask.to(logprobs.dtype)
+    mean = (logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
     return scores.float() + weight * mean
+
+
+def token_logprobs(logits: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
+    """Logprob (B, T-1) of each next token under `logits` (B, T-1, V), the predictions of
+    columns 0..T-2."""
+    return torch.log_softmax(logits, -1).gather(-1, sequences[:, 1:, None]).squeeze(-1)
 
 
 def score_conversations(model: PreTrainedModel, tokenizer: ChatTokenizer,
@@ -190,28 +195,20 @@ def score_conversations(model: PreTrainedModel, tokenizer: ChatTokenizer,
     """The reward model's score of each conversation (its last turn the assistant's): what
     `/v1/score`, the evaluation across stages and the report all read. A conversation longer
     than the model's context is refused by name rather than truncated."""
-    rendered = [tokenizer.render_chat(c)[0] for c in conversations]
-    responses = [last_turn_mask(tokenizer, c) for c in conversations]
+    replies = [render_reply(tokenizer, c[:-1], c[-1:]) for c in conversations]  # (ids, last turn)
     limit = model.config.max_position_embeddings
-    if rendered and (longest := max(map(len, rendered))) > limit:
+    if replies and (longest := max(len(ids) for ids, _ in replies)) > limit:
         raise ValueError(f"a conversation is {longest} tokens; the reward model's context is {limit}")
     device = next(model.parameters()).device
     scores: list[float] = []
-    for start in range(0, len(rendered), batch_size):
-        ids, attention = pad(rendered[start:start + batch_size], tokenizer.pad_id)
-        response, _ = pad(responses[start:start + batch_size], 0)
+    for start in range(0, len(replies), batch_size):
+        chunk = replies[start:start + batch_size]
+        ids, attention = pad([ids for ids, _ in chunk], tokenizer.pad_id)
+        response, _ = pad([mask for _, mask in chunk], 0)
         with torch.no_grad():
             scores += sequence_scores(model, ids.to(device), attention.to(device),
                                       response[:, 1:].to(device)).float().tolist()
     return scores
-
-
-def last_turn_mask(tokenizer: ChatTokenizer, conversation: Sequence[Message]) -> list[int]:
-    """1 on the tokens of the conversation's last (assistant) turn that the assistant says, as
-    `render_chat` marks them: the response a reward model judges; earlier turns are context."""
-    _, mask = tokenizer.render_chat(conversation)
-    context = len(tokenizer.render_chat(conversation[:-1])[0])
-    return [0] * context + mask[context:]
 
 
 def save_model(model: PreTrainedModel, tokenizer: ChatTokenizer, dest: Path) -> None:

@@ -288,6 +288,15 @@ def load_tokenizer(folder: Path) -> ChatTokenizer:
     return HFTokenizer(folder)
 
 
+def render_reply(tokenizer: ChatTokenizer, context: Sequence[Message], reply: Sequence[Message]
+                 ) -> tuple[list[int], list[int]]:
+    """The ids of context + reply and a mask of 1 on what the assistant says in the reply: the
+    tokens a reward model or DPO judges (the context's own assistant turns are not the reply)."""
+    ids, mask = tokenizer.render_chat([*context, *reply])
+    context_len = len(tokenizer.render_chat(context)[0])
+    return ids, [0] * context_len + mask[context_len:]
+
+
 def render_prompts(records: Sequence[PromptRecord], tokenizer: ChatTokenizer, max_new_tokens: int,
                    max_seq_len: int, setting: str) -> list[list[int]]:
     """Each record's prompt rendered for generation. A prompt that leaves no room in the context

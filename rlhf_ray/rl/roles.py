@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rlhf_ray.cluster import require_cuda
 from rlhf_ray.config import Optim, PPOConfig
-from rlhf_ray.modeling import load_policy, load_scalar_model, save_model, sequence_scores
+from rlhf_ray.modeling import load_policy, load_scalar_model, save_model, sequence_scores, token_logprobs
 from rlhf_ray.rl.algorithms import (
     entropy_from_logits,
     kl_loss,
@@ -139,11 +139,6 @@ def next_token_logits(model: torch.nn.Module, sequences: torch.Tensor, attention
         raise ValueError("logprobs of greedy (temperature 0) rollouts are not defined")
     logits = model(input_ids=sequences, attention_mask=attention_mask).logits[:, :-1].float()
     return logits / temperature if temperature != 1 else logits
-
-
-def token_logprobs(logits: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
-    """Logprob (B, T-1) of each next token under `logits` (from next_token_logits)."""
-    return torch.log_softmax(logits, -1).gather(-1, sequences[:, 1:, None]).squeeze(-1)
 
 
 def sequence_logprobs(model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,

@@ -16,7 +16,7 @@ from rlhf_ray.data.readers import RecordError, read_many
 from rlhf_ray.data.records import ChatRecord, ComparisonRecord
 from rlhf_ray.modeling import check_model_folder
 from rlhf_ray.run import RunFolder, base_model, stage
-from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer
+from rlhf_ray.tokenizer import ChatTokenizer, load_tokenizer, render_reply
 from rlhf_ray.train.ray_stage import run_on_ray_train
 from rlhf_ray.train.tasks import ChatExample, DPOTask, PretrainTask, RewardTask, SFTTask
 
@@ -38,36 +38,21 @@ def chat_examples(records: list[ChatRecord], tokenizer: ChatTokenizer, max_len: 
     return examples
 
 
-def comparison_groups(records: list[ComparisonRecord], tokenizer: ChatTokenizer,
-                      max_len: int) -> list[list[np.ndarray]]:
-    """Per comparison, the prompt followed by each response, best first, as token ids."""
+def preference_groups(records: list[ComparisonRecord], tokenizer: ChatTokenizer,
+                      max_len: int) -> list[list[ChatExample]]:
+    """Per comparison, the prompt followed by each response, best first, masked on what the
+    response's assistant turns say (the tokens the reward model's likelihood and DPO read)."""
     groups, problems = [], []
     for record in records:
         group = []
         for rank, response in enumerate(record.responses):
-            ids, _ = tokenizer.render_chat(record.prompt + response)
+            ids, mask = render_reply(tokenizer, record.prompt, response)
             if len(ids) > max_len:
                 problems.append(_too_long(record.where, f"responses[{rank}] with its prompt", len(ids), max_len))
-            group.append(np.array(ids, dtype=np.int32))
+            group.append(ChatExample(np.array(ids, dtype=np.int32), np.array(mask, dtype=np.int8)))
         groups.append(group)
     if problems:
         raise RecordError(problems)
-    return groups
-
-
-def preference_groups(records: list[ComparisonRecord], tokenizer: ChatTokenizer,
-                      max_len: int) -> list[list[ChatExample]]:
-    """Per comparison, the prompt followed by each response, best first, masked on what the
-    response's assistant turns say (the tokens whose log-probability DPO compares)."""
-    groups = []
-    for record, ids_group in zip(records, comparison_groups(records, tokenizer, max_len)):
-        prompt_len = len(tokenizer.render_chat(record.prompt)[0])
-        group = []
-        for ids, response in zip(ids_group, record.responses):
-            mask = np.array(tokenizer.render_chat(record.prompt + response)[1], dtype=np.int8)
-            mask[:prompt_len] = 0  # the prompt's own assistant turns are context, not the response
-            group.append(ChatExample(ids, mask))
-        groups.append(group)
     return groups
 
 
