@@ -429,6 +429,14 @@ class PPOConfig(_NoFraction):
     )
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
     reward_clip: float = Field(10.0, gt=0, description="Clip rewards to [-x, x].")
+    center_scores: bool | None = Field(
+        None, description="Subtract the batch's mean score before the clip and the KL penalty, so "
+        "the returns sit around 0, where a value model with a new head starts; without it, GAE "
+        "with lam < 1 bootstraps from that head's wrong zero and pays long replies for their "
+        "length. None: when the value model starts with a new head (from sft/, against a reward "
+        "model with a likelihood weight, whose scores sit far below 0). GRPO/RLOO's group "
+        "baselines remove the mean anyway.",
+    )
     unfinished_penalty: float = Field(
         0.0, description="Added to the reward of a response cut off at max_new_tokens."
     )

@@ -109,8 +109,8 @@ def needs_policy_pass(ppo: PPOConfig) -> bool:
     return ppo.old_logprobs == "policy" or kl_in_reward or ppo.kl_target is not None
 
 
-def compute_advantages(exp: Experience, scores: torch.Tensor, ppo: PPOConfig, kl_coef: float
-                       ) -> dict[str, float]:
+def compute_advantages(exp: Experience, scores: torch.Tensor, ppo: PPOConfig, kl_coef: float,
+                       center: bool = False) -> dict[str, float]:
     """Fill exp.advantages (and exp.returns for GAE) from the sequence scores; return statistics.
 
     The KL is of the trainer's policy logprobs to the reference's (k1 summed per response is
@@ -118,14 +118,15 @@ def compute_advantages(exp: Experience, scores: torch.Tensor, ppo: PPOConfig, kl
     per-token rewards (the score added at the last token; advantages whitened over the batch);
     for GRPO/RLOO after the group baseline, so the scores alone are normalised and each token's
     advantage is the response's minus kl_coef x the penalty still to come (its return-to-go).
-    With kl_mode 'loss' the advantages carry no KL (the policy's loss does).
+    With kl_mode 'loss' the advantages carry no KL (the policy's loss does). `center` subtracts
+    the batch's mean score first (ppo.center_scores).
     """
     mask = exp.response_mask.float()
     trainer = exp.policy_logprobs if exp.policy_logprobs is not None else exp.sample_logprobs
     penalty = (kl_penalty(trainer, exp.ref_logprobs, ppo.kl_estimator) * mask
                if ppo.kl_mode == "reward" else torch.zeros_like(mask))
-    shaped = clip_rewards(unfinished_penalty(scores, exp.finished, ppo.unfinished_penalty),
-                          ppo.reward_clip)
+    scores = unfinished_penalty(scores, exp.finished, ppo.unfinished_penalty)
+    shaped = clip_rewards(scores - scores.mean() if center else scores, ppo.reward_clip)
     if ppo.estimator == "gae":
         rewards = token_rewards(shaped, penalty, kl_coef, mask)
         advantages, returns = gae(rewards, exp.values, mask, ppo.gamma, ppo.lam)
@@ -174,6 +175,14 @@ def value_start(reward_dir: Path, sft_dir: Path) -> Path:
     return sft_dir
 
 
+def centers_scores(ppo: PPOConfig, first_value_dir: Path, sft_dir: Path) -> bool:
+    """ppo.center_scores, or by default whether GAE's value model starts with a new head (from
+    sft/), which predicts about 0 whatever the scores' offset."""
+    if ppo.center_scores is not None:
+        return ppo.center_scores
+    return ppo.estimator == "gae" and first_value_dir == sft_dir
+
+
 class PPOTrainer:
     """Starts the actors (resuming from the newest checkpoint) and runs steps, evals and saves."""
 
@@ -209,7 +218,9 @@ class PPOTrainer:
         self.kl = KLController(state.get("kl_coef", ppo.kl_coef), ppo.kl_target)
         self.restarts_left = ppo.engine_restarts
         policy_dir = checkpoint / "policy" if checkpoint else self.sft_dir
-        value_dir = checkpoint / "value" if checkpoint else value_start(self.reward_dir, self.sft_dir)
+        first_value_dir = value_start(self.reward_dir, self.sft_dir)
+        value_dir = checkpoint / "value" if checkpoint else first_value_dir
+        self.center_scores = centers_scores(ppo, first_value_dir, self.sft_dir)
 
         self.uses_value = ppo.estimator == "gae"
         roles = ["rollout", "policy", "reference"]
@@ -416,7 +427,7 @@ class PPOTrainer:
         if not torch.isfinite(scores).all():
             raise ValueError(f"the reward model returned non-finite scores at step {step}: "
                              f"{scores.tolist()}")
-        stats = compute_advantages(exp, scores, ppo, self.kl.value)
+        stats = compute_advantages(exp, scores, ppo, self.kl.value, self.center_scores)
         t2 = time.perf_counter()
 
         exp_ref = ray.put(exp)

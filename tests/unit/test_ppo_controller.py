@@ -101,6 +101,28 @@ def test_unfinished_responses_are_penalised_and_scores_clipped():
     assert stats["shaped_reward_mean"] == pytest.approx((0.5 - 0.5) / 2)
 
 
+def test_centred_scores_make_the_advantages_blind_to_the_scores_offset():
+    """A value model with a new head predicts about 0 while a likelihood-weighted reward model's
+    scores sit near -13: with lam < 1 a token's advantage is then the score discounted by the
+    tokens left, so after whitening the early tokens of a long reply look good for its length.
+    Centred on the batch's mean (before the clip), the offset no longer reaches the advantages."""
+    def advantages(scores, center):
+        exp = experience()
+        compute_advantages(exp, torch.tensor(scores), PPOConfig(lam=0.5), kl_coef=0.0, center=center)
+        return exp
+
+    near_zero, far_below = advantages([1.0, 0.0], True), advantages([-13.0, -14.0], True)
+    assert torch.allclose(near_zero.advantages, far_below.advantages, atol=1e-6)
+    # By hand: the scores become +0.5 and -0.5 (inside the clip of 10), the returns with zero
+    # values and lam 0.5 halve per token back from the end.
+    assert far_below.returns[0, 1:4].tolist() == pytest.approx([0.125, 0.25, 0.5])
+    assert far_below.returns[1, 0:2].tolist() == pytest.approx([-0.25, -0.5])
+    # Uncentred, the clip flattens both to -10 and the whitened advantages follow length alone.
+    uncentred = advantages([-13.0, -14.0], False)
+    assert not torch.allclose(uncentred.advantages, far_below.advantages, atol=1e-3)
+    assert uncentred.returns[0, 3] == uncentred.returns[1, 1] == pytest.approx(-10.0)
+
+
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
 def test_group_estimators_give_every_token_its_responses_advantage(estimator):
     exp = experience(samples=4)  # two groups of two: [stop, length], [stop, length]
@@ -289,3 +311,13 @@ def test_the_value_model_starts_from_the_reward_model_only_when_its_head_is_the_
     save_model(load_scalar_model(tiny_reward_dir, likelihood_weight=2.0), tiny_tokenizer, tmp_path / "reward")
     assert value_start(tmp_path / "reward", tiny_policy_dir) == tiny_policy_dir
     assert value_start(tmp_path / "no-reward", tiny_policy_dir) == tiny_policy_dir  # reward_source function/http
+
+
+def test_scores_are_centred_by_default_exactly_when_the_value_head_is_new(tiny_policy_dir, tiny_reward_dir):
+    from rlhf_ray.rl.ppo import centers_scores
+
+    assert centers_scores(PPOConfig(), tiny_policy_dir, tiny_policy_dir)
+    assert not centers_scores(PPOConfig(), tiny_reward_dir, tiny_policy_dir)
+    assert not centers_scores(PPOConfig(estimator="grpo", samples_per_prompt=2), tiny_policy_dir, tiny_policy_dir)
+    assert centers_scores(PPOConfig(center_scores=True), tiny_reward_dir, tiny_policy_dir)
+    assert not centers_scores(PPOConfig(center_scores=False), tiny_policy_dir, tiny_policy_dir)
