@@ -433,8 +433,9 @@ class PPOConfig(_NoFraction):
         None, description="Subtract the batch's mean score before the clip and the KL penalty, so "
         "the returns sit around 0, where a value model with a new head starts; without it, GAE "
         "with lam < 1 bootstraps from that head's wrong zero and pays long replies for their "
-        "length. None: when the value model starts with a new head (from sft/, against a reward "
-        "model with a likelihood weight, whose scores sit far below 0). GRPO/RLOO's group "
+        "length. None: when GAE's value model starts with a new head, i.e. from sft/: against a "
+        "reward model with a likelihood weight (whose scores sit far below 0), or a function or "
+        "HTTP reward. GRPO/RLOO's group "
         "baselines remove the mean anyway.",
     )
     unfinished_penalty: float = Field(
