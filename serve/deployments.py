@@ -41,6 +41,9 @@ class RewardModel:
         model = load_scalar_model(folder).eval()
         return load_tokenizer(folder), model, model.config.max_position_embeddings
 
+    def ready(self) -> bool:
+        return self.loaded is not None
+
     def score(self, conversations: list[list[dict[str, str]]]) -> list[float] | dict:
         from rlhf_ray.data.records import Message
         from rlhf_ray.modeling import score_conversations

@@ -11,7 +11,7 @@
     GET  /tokenizer_info        its tokenizer_config.json and chat template (`?model=` optional)
     GET  /metrics               Prometheus metrics of what this server answered (serve/metrics.py)
     GET  /                      the chat page (serve/page.html)
-    GET  /health, /ready
+    GET  /health, /ready        alive; ready once every model here answers (503 until then)
 
 Two servers answer them (serve/app.py assembles both): the chat app's `Router` at `/`, which
 checks each request and relays it by its `model` field to that stage's deployment, and each stage
@@ -24,6 +24,7 @@ replica down.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -59,6 +60,7 @@ from serve.protocol import (
 from serve.replies import Choices, Delta, merge
 
 PAGE = Path(__file__).with_name("page.html")
+READY_WAIT_S = 2.0  # how long /ready waits for each model's replica to answer
 
 # (method, path, the OpenAIServer method that answers it)
 ROUTES = [
@@ -230,9 +232,29 @@ class OpenAIServer:
     async def health(self, request: Request) -> dict:
         return {"status": "ok"}
 
-    async def ready(self, request: Request) -> dict:
-        return {"status": "ready", "models": sorted(self.chat_models) +
-                ([REWARD_MODEL] if self.reward is not None else [])}
+    async def ready(self, request: Request) -> Any:
+        """200 once a replica of every model here answers; until then (a stage's engine still
+        loading) a 503 naming the models it waits for, so that a load balancer's readiness
+        check sends nothing that would wait on a starting replica."""
+        models = sorted(self.chat_models) + ([REWARD_MODEL] if self.reward is not None else [])
+        answered = await asyncio.gather(*(self.answers(model) for model in models))
+        waiting = [model for model, ok in zip(models, answered) if not ok]
+        if waiting:
+            return JSONResponse({"status": "starting", "waiting": waiting}, status_code=503,
+                                headers={"Retry-After": "1"})
+        return {"status": "ready", "models": models}
+
+    async def answers(self, model: str) -> bool:
+        """Whether a replica of the model answers within READY_WAIT_S (one still starting does
+        not, nor one whose replicas are all busy with their queue full)."""
+        try:
+            if model == REWARD_MODEL:
+                await asyncio.wait_for(self.reward.ready.remote(), READY_WAIT_S)
+            else:
+                await asyncio.wait_for(self.ask(model, "stats"), READY_WAIT_S)
+        except Exception:
+            return False
+        return True
 
     async def tokenize(self, request: Request) -> Any:
         return await self.relay(request, TokenizeRequest, "tokenized")

@@ -111,6 +111,24 @@ def test_malformed_json_is_a_400(url):
 def test_health_and_readiness(url):
     assert httpx.get(f"{url}/health", timeout=30).json() == {"status": "ok"}
     assert httpx.get(f"{url}/ready", timeout=30).json()["models"] == ["base", "rlhf", "sft", "reward"]
+    assert httpx.get(f"{url}/sft/ready", timeout=30).json()["models"] == ["sft"]
+
+
+def test_not_ready_while_a_stage_has_no_replica_to_answer(url):
+    """A router whose `ghost` stage has no replica (as while a stage's engine still loads, its
+    app deployed after the router's) is not ready, and says which model it waits for; the
+    stages that answer do not hold it back elsewhere."""
+    from serve.ingress import Router
+
+    ray_serve.run(Router.bind(["sft", "ghost"], None, None, 8192), name="ready-probe",
+                  route_prefix="/ready-probe")
+    try:
+        response = httpx.get(f"{url}/ready-probe/ready", timeout=30)
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.json() == {"status": "starting", "waiting": ["ghost"]}
+        assert httpx.get(f"{url}/ready", timeout=30).status_code == 200
+    finally:
+        ray_serve.delete("ready-probe")
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
