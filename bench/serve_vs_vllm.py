@@ -16,9 +16,12 @@ Per request: time to first token (the first content chunk) and latency (the last
 from the stream's usage chunk; "held" is the share of responses whose text all came in one burst
 at the end (first text in the last tenth of the time), which on a box with no core to spare
 happens to either server now and then (bench/RESULTS.md): a held response's "first token" is
-its last, so the table also gives the TTFT p50 of the responses that streamed. Throughput is
-all completion tokens over the wall time of the round. Ratios read "ours as a fraction of
-vLLM's", so >= 0.9 meets the target in every column: throughput ours/vLLM, times vLLM/ours.
+its last, so the table also gives the TTFT p50 of the responses that streamed. Each server's
+fixed cost per request (one-token requests one after another) is printed below the table. A
+request the server drops counts as failed (its share in the table), not in the other figures.
+Throughput is all completion tokens over the wall time of the round. Ratios read "ours as a
+fraction of vLLM's", so >= 0.9 meets the target in every column: throughput ours/vLLM, times
+vLLM/ours.
 
     .venv/bin/python bench/serve_vs_vllm.py [--concurrency 1 8 32] [--requests-per-client 6]
                                             [--max-tokens 128] [--repeats 3] [--vllm-pinned]
@@ -146,16 +149,19 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
             "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
     began = time.perf_counter()
     first, tokens = None, 0
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter()
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    first = time.perf_counter()
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError as e:  # counted against the server (vLLM's dropped connections at 32)
+        return {"failed": f"{type(e).__name__}: {e}"}
     ended = time.perf_counter()
     # held: the whole text came in one burst at the end (first text in the last tenth of the time)
     held = first is None or first - began >= 0.9 * (ended - began)
@@ -171,11 +177,15 @@ async def load_round(url: str, clients: int, per_client: int, max_tokens: int, t
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         began = time.perf_counter()
-        results = [r for rs in await asyncio.gather(*(client_loop(i, client) for i in range(clients)))
+        answers = [r for rs in await asyncio.gather(*(client_loop(i, client) for i in range(clients)))
                    for r in rs]
         wall = time.perf_counter() - began
+    results = [r for r in answers if "failed" not in r]
+    if not results:
+        raise RuntimeError(f"{url}: every request failed: {answers[0]['failed']}")
     flowing = [r["ttft"] for r in results if not r["held"]] or [float("nan")]
-    return {"throughput": sum(r["tokens"] for r in results) / wall,
+    return {"failed": (len(answers) - len(results)) / len(answers),
+            "throughput": sum(r["tokens"] for r in results) / wall,
             "tokens": sum(r["tokens"] for r in results) / len(results),
             "held": sum(r["held"] for r in results) / len(results),
             # the first token of the responses that streamed: a held one's "first token" is
@@ -183,6 +193,23 @@ async def load_round(url: str, clients: int, per_client: int, max_tokens: int, t
             "ttft_flowing_p50": percentile(flowing, 50),
             **{f"{key}_p{q}": percentile([r[key] for r in results], q)
                for key in ("ttft", "latency") for q in (50, 99)}}
+
+
+async def fixed_cost(url: str, requests: int = 20) -> float:
+    """The median time of sequential one-token streamed requests on one kept-alive connection:
+    what a request costs besides generating (one short prefill, one token)."""
+    times = []
+    async with httpx.AsyncClient(timeout=60) as client:
+        for i in range(requests):
+            body = {"model": "sft", "messages": [{"role": "user", "content": f"Tell me about fox {i}."}],
+                    "temperature": 0, "max_tokens": 1, "stream": True}
+            began = time.perf_counter()
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+                response.raise_for_status()
+                async for _ in response.aiter_bytes():
+                    pass
+            times.append(time.perf_counter() - began)
+    return statistics.median(times)
 
 
 def percentile(values: list[float], q: int) -> float:
@@ -219,10 +246,12 @@ def measure(server: subprocess.Popen, urls: dict[str, str], args: argparse.Names
         results: dict[str, dict[int, dict]] = {name: {} for name in urls}
         for url in urls.values():
             asyncio.run(load_round(url, 2, 2, args.max_tokens, tag=-1))  # warm-up
+        fixed = {name: asyncio.run(fixed_cost(url)) for name, url in urls.items()}
         for n in args.concurrency:
             for name, url in urls.items():
                 results[name][n] = asyncio.run(load_round(url, n, args.requests_per_client,
                                                           args.max_tokens, tag=n))
+                results[name][n]["fixed"] = fixed[name]  # per server start, kept with each round
                 print(f"  {name} N={n}: {results[name][n]['throughput']:.0f} tok/s", flush=True)
         return results
     finally:
@@ -289,8 +318,8 @@ def main() -> None:
           f"{'moved off its worker cores' if args.vllm_pinned else 'as it places itself'}\n")
     print("| clients | ours at | tokens/req | throughput tok/s (ours / vLLM) | ratio | TTFT p50 ms "
           "| ratio | TTFT p99 ms | ratio | latency p50 ms | ratio | latency p99 ms | ratio "
-          "| held (ours / vLLM) | TTFT p50 ms, streamed responses | ratio |")
-    print("|---:|---|---:|---|---:|---|---:|---|---:|---|---:|---|---:|---|---|---:|")
+          "| held (ours / vLLM) | TTFT p50 ms, streamed responses | ratio | failed (ours / vLLM) |")
+    print("|---:|---|---:|---|---:|---|---:|---|---:|---|---:|---|---:|---|---|---:|---|")
     for n in args.concurrency:
         for name, path in OURS.items():
             a, b = ours[name][n], theirs[n]
@@ -300,10 +329,16 @@ def main() -> None:
                 cells += [f"{a[key] * 1e3:.0f} / {b[key] * 1e3:.0f}", f"{b[key] / a[key]:.2f}"]
             cells += [f"{a['held']:.0%} / {b['held']:.0%}",
                       f"{a['ttft_flowing_p50'] * 1e3:.0f} / {b['ttft_flowing_p50'] * 1e3:.0f}",
-                      f"{b['ttft_flowing_p50'] / a['ttft_flowing_p50']:.2f}"]
+                      f"{b['ttft_flowing_p50'] / a['ttft_flowing_p50']:.2f}",
+                      f"{a['failed']:.0%} / {b['failed']:.0%}"]
             print(f"| {n} | `{path}/v1` | {a['tokens']:.0f} / {b['tokens']:.0f} | "
                   + " | ".join(cells) + " |")
-    print("\nthroughput ratio of each repeat: " + "; ".join(
+    first = args.concurrency[0]
+    print("\nfixed cost per request (one-token streamed requests one after another on a kept-alive "
+          "connection, median): " + ", ".join(f"{name} {ours[name][first]['fixed'] * 1e3:.0f} ms"
+                                              for name in OURS)
+          + f", vLLM {theirs[first]['fixed'] * 1e3:.0f} ms")
+    print("throughput ratio of each repeat: " + "; ".join(
         f"{name} N={n}: " + " ".join(f"{x:.2f}" for x in spread[name, n])
         for name in OURS for n in args.concurrency))
 
