@@ -198,17 +198,13 @@ async def load_round(url: str, clients: int, per_client: int, max_tokens: int, t
 async def fixed_cost(url: str, requests: int = 20) -> float:
     """The median time of sequential one-token streamed requests on one kept-alive connection:
     what a request costs besides generating (one short prefill, one token)."""
-    times = []
     async with httpx.AsyncClient(timeout=60) as client:
+        times = []
         for i in range(requests):
-            body = {"model": "sft", "messages": [{"role": "user", "content": f"Tell me about fox {i}."}],
-                    "temperature": 0, "max_tokens": 1, "stream": True}
-            began = time.perf_counter()
-            async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-                response.raise_for_status()
-                async for _ in response.aiter_bytes():
-                    pass
-            times.append(time.perf_counter() - began)
+            result = await one_request(client, url, f"Tell me about fox {i}.", max_tokens=1)
+            if "failed" in result:
+                raise RuntimeError(f"{url}: a one-token request failed: {result['failed']}")
+            times.append(result["latency"])
     return statistics.median(times)
 
 
