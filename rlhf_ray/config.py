@@ -230,6 +230,22 @@ class RewardConfig(TrainStage):
         "sft/ knows (a false fact is unlikely): on the demo 0.70 -> 0.83 held-out accuracy. PPO "
         "then starts its value model from sft/, not from this model (docs/demo.md).",
     )
+    lm_loss_weight: float = Field(
+        0.0, ge=0, description="Weight of a language-model loss on each comparison's best response "
+        "(its mean per-token cross-entropy), added to the Bradley-Terry loss. The Bradley-Terry "
+        "loss alone also trains the likelihood term, pushing up whatever tells a better response "
+        "from a worse one, until the reward model's language model no longer knows which fact "
+        "answers which question; this loss keeps it knowing (a text-generation regulariser, as in "
+        "Yang et al. 2024's generalisable reward models). Needs likelihood_weight > 0.",
+    )
+
+    @model_validator(mode="after")
+    def _lm_loss_needs_the_likelihood(self) -> RewardConfig:
+        if self.lm_loss_weight and not self.likelihood_weight:
+            raise ValueError(f"reward.lm_loss_weight {self.lm_loss_weight} keeps the likelihood term's "
+                             "language model; with reward.likelihood_weight 0 there is none: set "
+                             "likelihood_weight > 0 or lm_loss_weight 0")
+        return self
 
 
 class DPOConfig(TrainStage):

@@ -165,6 +165,14 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     gives the response's tokens: `response_mask` (B, T-1), 1 where column t predicts a response
     token. The head learns what the labeler likes; the likelihood carries what the model knows
     (a false fact is unlikely), which a head learns slowly from comparisons alone."""
+    head, likelihood = score_parts(model, input_ids, attention_mask, response_mask)
+    return head if likelihood is None else head.float() + likelihood_weight_of(model) * likelihood
+
+
+def score_parts(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The two terms of `sequence_scores`, apart: the scalar head's value (B,) and, for a reward
+    model with a likelihood weight, the response's mean token log-probability (B,) (else None)."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     hidden = out.hidden_states[-1]  # after the final norm: what the score head reads
     columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
@@ -173,15 +181,14 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     scores = inner.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1)
     weight = likelihood_weight_of(model)
     if not weight:
-        return scores
+        return scores, None
     if response_mask is None:
         raise ValueError(f"this reward model's score includes the response's likelihood "
                          f"({LIKELIHOOD_WEIGHT} {weight}): pass response_mask")
     head = inner.lm_head if hasattr(inner, "lm_head") else inner.get_input_embeddings()
     logprobs = token_logprobs(torch.nn.functional.linear(hidden[:, :-1], head.weight).float(), input_ids)
     mask = response_mask.to(logprobs.dtype)
-    mean = (logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    return scores.float() + weight * mean
+    return scores, (logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 def token_logprobs(logits: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:

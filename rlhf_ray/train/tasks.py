@@ -21,11 +21,12 @@ from rlhf_ray.data.shards import open_split
 from rlhf_ray.modeling import (
     count_parameters,
     load_policy,
+    likelihood_weight_of,
     load_scalar_model,
     new_policy,
     pad,
     save_model,
-    sequence_scores,
+    score_parts,
 )
 from rlhf_ray.tokenizer import load_tokenizer
 from rlhf_ray.train.flops import flops_per_token
@@ -251,11 +252,27 @@ class RewardTask(_ComparisonTask):
 
     def scores(self, model: torch.nn.Module, batch: Batch) -> list[torch.Tensor]:
         """The scalar reward of every sequence, split back into comparisons."""
-        rewards = sequence_scores(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-        return list(torch.split(rewards.float(), batch["group_sizes"].tolist()))
+        return self.scores_and_best_likelihoods(model, batch)[0]
+
+    def scores_and_best_likelihoods(self, model: torch.nn.Module, batch: Batch
+                                    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The scores split into comparisons, and each comparison's best response's mean token
+        log-probability (None for a head-only reward model)."""
+        head, likelihood = score_parts(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        sizes = batch["group_sizes"].tolist()
+        if likelihood is None:
+            return list(torch.split(head.float(), sizes)), None
+        rewards = head.float() + likelihood_weight_of(model) * likelihood
+        firsts = torch.tensor([0, *sizes[:-1]], device=likelihood.device).cumsum(0)
+        return list(torch.split(rewards, sizes)), likelihood[firsts]
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        per_comparison = comparison_losses(self.scores(model, batch))
+        """Per comparison, the Bradley-Terry loss plus lm_loss_weight times the best response's
+        mean token cross-entropy; summed, with the count of comparisons."""
+        scores, best_likelihoods = self.scores_and_best_likelihoods(model, batch)
+        per_comparison = comparison_losses(scores)
+        if self.stage.lm_loss_weight and best_likelihoods is not None:
+            per_comparison = per_comparison - self.stage.lm_loss_weight * best_likelihoods
         return per_comparison.sum(), torch.tensor(len(per_comparison))
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:

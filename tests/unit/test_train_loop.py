@@ -161,7 +161,7 @@ def test_reward_loss_of_a_comparison_is_the_mean_of_its_pairs_and_counts_once(tm
 
 
 def test_reward_loss_of_the_tiny_model_matches_its_scores_by_hand(tmp_path, tiny_policy_dir, tokenizer):
-    cfg = run_config(tmp_path, "reward", likelihood_weight=0.0)  # the head alone
+    cfg = run_config(tmp_path, "reward", likelihood_weight=0.0, lm_loss_weight=0.0)  # the head alone
     group = [np.array(tokenizer.encode_document(text), dtype=np.int32)
              for text in ("The capital of France is Paris.", "Paris.", "The capital of France is Lima.")]
     task = RewardTask(cfg, as_examples([group]), [], init_dir=tiny_policy_dir, out_dir=tmp_path / "reward")
@@ -182,7 +182,7 @@ def test_with_a_likelihood_weight_each_response_scores_its_head_plus_its_mean_lo
     from rlhf_ray.modeling import LIKELIHOOD_WEIGHT
     from rlhf_ray.train.stages import preference_groups
 
-    cfg = run_config(tmp_path, "reward", likelihood_weight=2.0)
+    cfg = run_config(tmp_path, "reward", likelihood_weight=2.0, lm_loss_weight=0.0)
     responses = ["The capital of France is Paris.", "Paris.", "The capital of France is Lima."]
     record = ComparisonRecord.model_validate({"prompt": "Capital of France?", "responses": responses})
     groups = preference_groups([record], tokenizer, 512)
@@ -202,6 +202,46 @@ def test_with_a_likelihood_weight_each_response_scores_its_head_plus_its_mean_lo
     assert loss.item() == pytest.approx(sum(bt(expected[i] - expected[j]) for i, j in combinations(range(3), 2)) / 3,
                                         rel=1e-4)
     assert expected[0] > expected[2]  # sft/ knows Paris (the new head is near 0): the false fact scores lower
+
+
+def test_an_lm_loss_weight_adds_the_best_responses_cross_entropy_to_each_comparison(tmp_path, tiny_policy_dir,
+                                                                                  tokenizer):
+    """With lm_loss_weight v a comparison's loss is its Bradley-Terry loss plus v times the mean
+    per-token cross-entropy of its best response under the reward model's own language model:
+    what keeps that model knowing which answer fits which question while the Bradley-Terry loss
+    trains the likelihood term (by hand from sft/'s logprobs, as the model starts)."""
+    from rlhf_ray.data.records import ComparisonRecord
+    from rlhf_ray.train.stages import preference_groups
+
+    records = [ComparisonRecord.model_validate({"prompt": "Capital of France?", "responses": [
+                   "The capital of France is Paris.", "Paris.", "The capital of France is Lima."]}),
+               ComparisonRecord.model_validate({"prompt": "Currency of Japan?", "chosen": "The yen.",
+                                                "rejected": "Japan has 124 million people."})]
+    groups = preference_groups(records, tokenizer, 512)
+    policy = load_policy(tiny_policy_dir).eval()
+
+    def mean_logprob(example: ChatExample) -> float:
+        ids = torch.from_numpy(example.ids.astype(np.int64))[None]
+        logprobs = policy(ids).logits[0].log_softmax(-1)
+        said = [t for t in range(len(example.ids)) if example.mask[t]]
+        return sum(logprobs[t - 1, example.ids[t]].item() for t in said) / len(said)
+
+    losses = {}
+    for lm_weight in (0.0, 0.5):
+        cfg = run_config(tmp_path, "reward", likelihood_weight=2.0, lm_loss_weight=lm_weight)
+        task = RewardTask(cfg, groups, [], init_dir=tiny_policy_dir, out_dir=tmp_path / "reward")
+        with torch.no_grad():
+            losses[lm_weight], count = task.loss(task.build_model().eval(), task._batch(groups))
+        assert int(count) == 2
+    with torch.no_grad():
+        best_cross_entropy = -(mean_logprob(groups[0][0]) + mean_logprob(groups[1][0]))
+    assert best_cross_entropy > 1  # a real term: the tiny model is far from certain
+    assert losses[0.5].item() == pytest.approx(losses[0.0].item() + 0.5 * best_cross_entropy, rel=1e-4)
+
+
+def test_an_lm_loss_weight_without_a_likelihood_term_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="reward.lm_loss_weight 0.5 .* reward.likelihood_weight 0"):
+        run_config(tmp_path, "reward", likelihood_weight=0.0, lm_loss_weight=0.5)
 
 
 @pytest.mark.parametrize("world", [1, 2])
