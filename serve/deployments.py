@@ -138,6 +138,9 @@ class StageModel(OpenAIServer):
     def stream(self, model: str, request: SamplingFields, request_id: str) -> Batches:
         return InProcess(self.generate(request, request_id))
 
+    def loaded(self, model: str) -> bool:
+        return self.engine is not None
+
     async def ask(self, model: str, method: str, *args: Any) -> Any:
         return getattr(self, method)(*args)
 

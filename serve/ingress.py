@@ -131,6 +131,13 @@ def overloaded(model: str) -> JSONResponse:
         status_code=503, headers={"Retry-After": "1"})
 
 
+def loading(model: str) -> JSONResponse:
+    return JSONResponse(
+        error_body(f"model {model!r} is still loading on this replica; retry shortly", "server_error",
+                   code="model_loading"),
+        status_code=503, headers={"Retry-After": "1"})
+
+
 async def replies(first: list[Delta], rest: Any) -> AsyncIterator[Delta]:
     """The stage's stream of batches as deltas, each batch joined per choice."""
     for delta in merge(first):
@@ -169,6 +176,12 @@ class OpenAIServer:
     async def ask(self, model: str, method: str, *args: Any) -> Any:
         raise NotImplementedError
 
+    def loaded(self, model: str) -> bool:
+        """Whether this process can answer for `model` now. Through Serve's proxy a request
+        reaches only a replica that has finished starting; under direct ingress (HAProxy mode) a
+        stage's replica answers HTTP on its own port while its engine still loads."""
+        return True
+
     async def parse(self, request: Request, kind: type[Body], models: list[str],
                     default: str | None = None) -> Any:
         """The validated body, or the error response that answers it; `default` is the model of
@@ -191,7 +204,9 @@ class OpenAIServer:
             message, param = validation_message(e)
             return error(400, message, param=param)
         parsed.model = parsed.model or default
-        return parsed if parsed.model in models else unknown_model(parsed.model, models)
+        if parsed.model not in models:
+            return unknown_model(parsed.model, models)
+        return parsed if self.loaded(parsed.model) else loading(parsed.model)
 
     def all_models(self) -> list[str]:
         return self.chat_models + ([REWARD_MODEL] if self.reward is not None else [])
@@ -268,6 +283,8 @@ class OpenAIServer:
         model = request.query_params.get("model") or self.first_stage
         if model not in self.chat_models:
             return unknown_model(model, self.chat_models)
+        if not self.loaded(model):
+            return loading(model)
         return await self.ask(model, "tokenizer_config")
 
     async def relay(self, request: Request, kind: type[TokenizeRequest | DetokenizeRequest],
