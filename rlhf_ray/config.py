@@ -236,7 +236,8 @@ class RewardConfig(TrainStage):
         "loss alone also trains the likelihood term, pushing up whatever tells a better response "
         "from a worse one, until the reward model's language model no longer knows which fact "
         "answers which question; this loss keeps it knowing (a text-generation regulariser, as in "
-        "Yang et al. 2024's generalisable reward models). Needs likelihood_weight > 0.",
+        "Yang et al. 2024's generalisable reward models). The stage's logged `loss` includes it; "
+        "`eval_loss` is the Bradley-Terry loss alone. Needs likelihood_weight > 0.",
     )
 
     @model_validator(mode="after")

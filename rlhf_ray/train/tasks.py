@@ -20,8 +20,8 @@ from rlhf_ray.config import RunConfig, TrainStage
 from rlhf_ray.data.shards import open_split
 from rlhf_ray.modeling import (
     count_parameters,
-    load_policy,
     likelihood_weight_of,
+    load_policy,
     load_scalar_model,
     new_policy,
     pad,
