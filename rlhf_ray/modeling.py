@@ -165,7 +165,11 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     gives the response's tokens: `response_mask` (B, T-1), 1 where column t predicts a response
     token. The head learns what the labeler likes; the likelihood carries what the model knows
     (a false fact is unlikely), which a head learns slowly from comparisons alone."""
-    head, likelihood = score_parts(model, input_ids, attention_mask, response_mask)
+    return combined_score(model, *score_parts(model, input_ids, attention_mask, response_mask))
+
+
+def combined_score(model: torch.nn.Module, head: torch.Tensor, likelihood: torch.Tensor | None) -> torch.Tensor:
+    """head + w * likelihood, w the model's likelihood weight (the head alone without that term)."""
     return head if likelihood is None else head.float() + likelihood_weight_of(model) * likelihood
 
 

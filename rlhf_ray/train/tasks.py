@@ -19,8 +19,8 @@ import torch
 from rlhf_ray.config import RunConfig, TrainStage
 from rlhf_ray.data.shards import open_split
 from rlhf_ray.modeling import (
+    combined_score,
     count_parameters,
-    likelihood_weight_of,
     load_policy,
     load_scalar_model,
     new_policy,
@@ -260,11 +260,11 @@ class RewardTask(_ComparisonTask):
         log-probability (None for a head-only reward model)."""
         head, likelihood = score_parts(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
         sizes = batch["group_sizes"].tolist()
+        scores = list(torch.split(combined_score(model, head, likelihood).float(), sizes))
         if likelihood is None:
-            return list(torch.split(head.float(), sizes)), None
-        rewards = head.float() + likelihood_weight_of(model) * likelihood
+            return scores, None
         firsts = torch.tensor([0, *sizes[:-1]], device=likelihood.device).cumsum(0)
-        return list(torch.split(rewards, sizes)), likelihood[firsts]
+        return scores, likelihood[firsts]
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per comparison, the Bradley-Terry loss plus lm_loss_weight times the best response's
