@@ -62,10 +62,9 @@ from serve.cpus import move_threads  # noqa: E402
 
 # Our server's two ways in: the sft stage's own app, and the router that picks it by `model`.
 OURS = {"ours /sft/v1": "/sft", "ours /v1": ""}
-# With --ours-direct (Serve's direct ingress) the stage's app is measured at its replica's own
-# port instead of through Serve's proxy: a port Serve picks in this range when the replica starts.
+# With --ours-direct (cluster.serve_ingress: direct) the stage's app is measured at its replica's
+# own port, which the router's /v1/models publishes, instead of through Serve's proxy.
 DIRECT = "ours direct /sft/v1"
-DIRECT_PORTS = range(30000, 31000)
 
 ENV = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "OMP_WAIT_POLICY": "PASSIVE",
        "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
@@ -129,25 +128,18 @@ def wait_ready(url: str, server: subprocess.Popen, timeout_s: float = 600) -> No
     raise RuntimeError(f"{url} not ready after {timeout_s}s")
 
 
-def direct_stage_url(server: subprocess.Popen, stage: str = "sft", timeout_s: float = 120) -> str:
-    """Where the stage's own replica answers HTTP under Serve's direct ingress: the listening
-    port in DIRECT_PORTS whose /<stage>/ready says its engine answers (the router's replica has
-    a port there too; a replica's port opens before its engine has loaded)."""
-    import psutil
-
+def direct_stage_url(url: str, stage: str = "sft", timeout_s: float = 120) -> str:
+    """Where the stage's own replica answers under direct ingress (cluster.serve_ingress:
+    direct), as the router's /v1/models publishes it, once that replica's engine answers."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and server.poll() is None:
-        ports = sorted({c.laddr.port for c in psutil.net_connections("tcp")
-                        if c.status == psutil.CONN_LISTEN and c.laddr.port in DIRECT_PORTS})
-        for port in ports:
-            url = f"http://127.0.0.1:{port}/{stage}"
-            try:
-                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                    return url
-            except httpx.HTTPError:
-                pass
+    while time.monotonic() < deadline:
+        models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+        base_urls = next(m for m in models if m["id"] == stage).get("base_urls", [])
+        if base_urls and httpx.get(base_urls[0].removesuffix("/v1") + "/ready",
+                                   timeout=5).status_code == 200:
+            return base_urls[0].removesuffix("/v1")
         time.sleep(1)
-    raise RuntimeError(f"no port in {DIRECT_PORTS} serves a ready /{stage}: is direct ingress on?")
+    raise RuntimeError(f"{url}/v1/models publishes no ready {stage} replica: is direct ingress on?")
 
 
 def stop(server: subprocess.Popen) -> None:
@@ -308,16 +300,15 @@ def main() -> None:
     parser.add_argument("--ours-set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="run config overrides for our server (e.g. serve.stream_interval_ms=100)")
     parser.add_argument("--ours-direct", action="store_true",
-                        help="Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): the sft "
+                        help="cluster.serve_ingress=direct (Serve's direct ingress): the sft "
                              "stage at its replica's own port instead of through the proxy")
     args = parser.parse_args()
     extra_env = dict(item.split("=", 1) for item in args.ours_env)
     ours_names = [DIRECT, "ours /v1"] if args.ours_direct else list(OURS)
-    if args.ours_direct:
-        extra_env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    ours_set = [*args.ours_set, *(["cluster.serve_ingress=direct"] if args.ours_direct else [])]
 
     with tempfile.TemporaryDirectory() as tmp:
-        run = make_run(Path(tmp), args.ours_set)
+        run = make_run(Path(tmp), ours_set)
         params = count_parameters(load_policy(RunFolder(run).model("sft")))
         print(f"model: {params / 1e6:.1f}M params; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.2f}",
               flush=True)
@@ -331,7 +322,7 @@ def main() -> None:
                     urls = {name: url + OURS[name] for name in ours_names if name in OURS}
                     if args.ours_direct:
                         wait_ready(url, server)
-                        urls = {DIRECT: direct_stage_url(server), **urls}
+                        urls = {DIRECT: direct_stage_url(url), **urls}
                 else:
                     server, urls = start_vllm(run, port), {"vllm": url}
                 pinned = args.vllm_pinned and server_name == "vllm"
@@ -347,7 +338,7 @@ def main() -> None:
           f"vllm {vllm_version()}, ray {version('ray')}; {args.requests_per_client} requests per "
           f"client, max_tokens {args.max_tokens}, greedy; medians of {args.repeats} interleaved "
           f"repeats; load at end {os.getloadavg()[0]:.2f}; ours with {extra_env or 'defaults'} "
-          f"{' '.join(args.ours_set)}; vLLM's server "
+          f"{' '.join(ours_set)}; vLLM's server "
           f"{'moved off its worker cores' if args.vllm_pinned else 'as it places itself'}\n")
     print("| clients | ours at | tokens/req | throughput tok/s (ours / vLLM) | ratio | TTFT p50 ms "
           "| ratio | TTFT p99 ms | ratio | latency p50 ms | ratio | latency p99 ms | ratio "

@@ -124,11 +124,17 @@ def wait_for_ctrl_c(until: Callable[[], bool] | None = None) -> None:
 
 
 def print_urls(url: str, models: list[str], run_dir: object) -> None:
+    from serve.direct import current_stage_urls
+
     own = ", ".join(f"{url}/{m}/v1" for m in models if m in CHAT_MODELS)
+    direct = current_stage_urls()
+    at_ports = ", ".join(u for m in models for u in direct.get(m, []))
     say(f"rlhf-ray: serving {', '.join(models)} from {run_dir}\n"
         f"  API: {url}/v1  (models: GET {url}/v1/models; OpenAI clients: base_url={url}/v1)\n"
         f"  each stage alone, one hop fewer: {own}\n"
-        f"  chat page: {url}/")
+        + (f"  each stage at its replicas' own ports, no proxy (while these replicas live; "
+           f"GET {url}/v1/models lists the current ones): {at_ports}\n" if at_ports else "")
+        + f"  chat page: {url}/")
 
 
 def run_demo(cfg: RunConfig, serve: bool) -> None:

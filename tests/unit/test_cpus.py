@@ -41,8 +41,12 @@ def test_nothing_moves_without_bound_workers_or_without_a_core_left_over():
 def test_the_serve_ingress_is_chosen_by_the_environment_the_local_ray_starts_with(monkeypatch):
     from rlhf_ray.cluster import ResourcesError, serve_ingress_env
 
-    assert serve_ingress_env("proxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    assert serve_ingress_env("haproxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}  # ray[serve] ships it
+    assert serve_ingress_env("proxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "0",
+                                          "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    assert serve_ingress_env("direct") == {"RAY_SERVE_ENABLE_HA_PROXY": "0",
+                                           "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+    assert serve_ingress_env("haproxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "1",  # ray[serve] ships it
+                                            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # as on macOS
     monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
     with pytest.raises(ResourcesError, match="cluster.serve_ingress=haproxy: Ray's HAProxy is not installed"):

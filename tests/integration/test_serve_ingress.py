@@ -1,16 +1,21 @@
-"""`cluster.serve_ingress: haproxy`: `rlhf-ray serve` starts its local Ray with Serve's HAProxy in
-front of the apps' ingress replicas instead of Serve's HTTP proxy, and every serving feature
-holds there: a stage at its own URL and through the router, streaming, 503 on overload, letting a
-request go when its client does, and nothing of HAProxy left once the server stops."""
+"""`cluster.serve_ingress: direct` and `haproxy`: `rlhf-ray serve` starts its local Ray with
+Serve's direct ingress, where each stage's replica also answers HTTP on a port of its own that the
+server publishes, or with Serve's HAProxy in front of those ports instead of Serve's HTTP proxy.
+Every serving feature holds at a stage's own address in either: the same answers as through the
+router, streaming, 503 on overload, letting a request go when its client does, and nothing of
+HAProxy left once the server stops."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import httpx
+import openai
 import psutil
 import pytest
 
@@ -22,14 +27,31 @@ from tests.served import QUESTION, REPO, chat_model, ctrl_c, free_port
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def server(tiny_policy_dir, tmp_path_factory):
-    """`rlhf-ray serve` of a run with base and sft behind HAProxy; yields (url, its process). Each
+@dataclass
+class Server:
+    ingress: str
+    url: str  # Serve's HTTP address (the proxy's, or HAProxy's)
+    process: subprocess.Popen
+    printed: str  # what `rlhf-ray serve` said once it served
+
+    def stage(self, stage: str) -> str:
+        """Where `stage` answers alone: its replica's own port under direct ingress (as the
+        router's /v1/models publishes it), its route behind HAProxy."""
+        if self.ingress == "haproxy":
+            return f"{self.url}/{stage}"
+        models = httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"]
+        [base_url] = next(m for m in models if m["id"] == stage)["base_urls"]
+        return base_url.removesuffix("/v1")
+
+
+@pytest.fixture(scope="module", params=["direct", "haproxy"])
+def server(request, tiny_policy_dir, tmp_path_factory):
+    """`rlhf-ray serve` of a run with base and sft under the ingress named by the parameter. Each
     stage works on 1 request and queues 1 more."""
     port = free_port()
     cfg = load_config(REPO / "configs" / "test.yaml", [
-        f"runs_dir={tmp_path_factory.mktemp('haproxy')}", f"serve.port={port}",
-        "cluster.num_cpus=2", "cluster.serve_ingress=haproxy", "serve.stages=[base,sft]",
+        f"runs_dir={tmp_path_factory.mktemp(request.param)}", f"serve.port={port}",
+        "cluster.num_cpus=2", f"cluster.serve_ingress={request.param}", "serve.stages=[base,sft]",
         "serve.cpus_per_replica=0.25", "serve.max_ongoing_requests=1", "serve.max_queued_requests=1"])
     shutil.copytree(tiny_policy_dir, cfg.run_dir / "base")
     save_model(chat_model(tiny_policy_dir), load_tokenizer(tiny_policy_dir), cfg.run_dir / "sft")
@@ -45,7 +67,7 @@ def server(tiny_policy_dir, tmp_path_factory):
         assert line or process.poll() is None, "".join(lines[-60:])
         lines.append(line)
         assert time.monotonic() < deadline, "".join(lines[-60:])
-    yield f"http://127.0.0.1:{port}", process
+    yield Server(request.param, f"http://127.0.0.1:{port}", process, "".join(lines))
     family = psutil.Process(process.pid).children(recursive=True)
     rest = ctrl_c(process)
     assert process.returncode == 0, rest[-3000:]
@@ -78,27 +100,46 @@ def long_stream(url: str) -> dict:
     return {"status": 200, "chunks": len(chunks)}
 
 
-def test_haproxy_and_not_serves_proxy_takes_the_requests_in(server):
-    url, process = server
-    names = [name(p) for p in psutil.Process(process.pid).children(recursive=True)]
-    assert "haproxy" in names and "ray::HAProxyManager" in names
-    routes = httpx.get(f"{url}/-/routes", timeout=10).json()
+def test_the_chosen_ingress_takes_the_requests_in(server):
+    names = [name(p) for p in psutil.Process(server.process.pid).children(recursive=True)]
+    assert ("haproxy" in names) == ("ray::HAProxyManager" in names) == (server.ingress == "haproxy")
+    routes = httpx.get(f"{server.url}/-/routes", timeout=10).json()
     assert routes == {"/": "rlhf-ray", "/base": "rlhf-ray-base", "/sft": "rlhf-ray-sft"}
 
 
-def test_a_stage_answers_the_same_at_its_own_url_and_through_the_router(server):
-    url, _ = server
-    at_stage, routed = chat(f"{url}/sft"), chat(url)
+def test_under_direct_ingress_each_stage_is_published_at_its_replicas_own_port(server):
+    """The router's /v1/models gives each chat stage's base URLs (the reward model has no
+    generation to serve there), `rlhf-ray serve` printed the same, and an OpenAI client pointed
+    at one streams its reply with no proxy between them."""
+    models = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
+    published = {m["id"]: m.get("base_urls") for m in models}
+    if server.ingress != "direct":
+        assert published == {"base": None, "sft": None}
+        return
+    port = int(server.url.rsplit(":", 1)[1])
+    for stage in ("base", "sft"):
+        [base_url] = published[stage]
+        assert re.fullmatch(rf"http://127\.0\.0\.1:(\d+)/{stage}/v1", base_url)
+        assert int(base_url.split(":")[2].split("/")[0]) != port
+        assert base_url in server.printed
+    client = openai.OpenAI(base_url=published["sft"][0], api_key="none")
+    stream = client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=8,
+                                            temperature=0, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == "Paris."
+
+
+def test_a_stage_answers_the_same_at_its_own_address_and_through_the_router(server):
+    at_stage, routed = chat(server.stage("sft")), chat(server.url)
     assert at_stage.status_code == routed.status_code == 200, (at_stage.text, routed.text)
     assert (at_stage.json()["choices"][0]["message"]["content"]
             == routed.json()["choices"][0]["message"]["content"] == "Paris.")
 
 
-@pytest.mark.parametrize("prefix", ["", "/base"], ids=["router", "stage"])
-def test_a_stream_comes_in_pieces_and_overload_is_refused_with_503(server, prefix):
-    url, _ = server
+@pytest.mark.parametrize("where", ["router", "stage"])
+def test_a_stream_comes_in_pieces_and_overload_is_refused_with_503(server, where):
+    url = server.url if where == "router" else server.stage("base")
     with ThreadPoolExecutor(6) as pool:  # 1 runs, 1 waits, the rest are refused
-        results = list(pool.map(lambda _: long_stream(url + prefix), range(6)))
+        results = list(pool.map(lambda _: long_stream(url), range(6)))
     accepted = [r for r in results if r["status"] == 200]
     refused = [r for r in results if r["status"] != 200]
     assert accepted and refused, results
@@ -109,8 +150,7 @@ def test_a_stream_comes_in_pieces_and_overload_is_refused_with_503(server, prefi
 def test_a_client_that_goes_away_lets_its_request_go(server):
     """Had the replica not seen the client go, it would have written all 300 tokens (a second or
     two here) and counted them as generated."""
-    url, _ = server
-    stage = f"{url}/base"
+    stage = server.stage("base")
     generated = metric(stage, "rlhf_ray_generation_tokens_total", "base")
     body = {"model": "base", "prompt": "Once upon a time", "max_tokens": 300, "min_tokens": 300,
             "stream": True}
