@@ -28,10 +28,9 @@ def stage_urls(details: ServeInstanceDetails) -> dict[str, list[str]]:
         stage = stage_of_app(group.app_name)
         if stage is None or group.protocol != "HTTP":
             continue
-        own = [target for target in group.targets if target.port != proxy_port]
-        hosts = [target.ip if bound in ANY_INTERFACE else bound for target in own]
-        found = sorted(f"http://{host}:{target.port}{group.route_prefix}/v1"
-                       for host, target in zip(hosts, own))
+        found = sorted(f"http://{target.ip if bound in ANY_INTERFACE else bound}:{target.port}"
+                       f"{group.route_prefix}/v1"
+                       for target in group.targets if target.port != proxy_port)
         if found:
             urls[stage] = found
     return urls

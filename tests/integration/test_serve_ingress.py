@@ -101,8 +101,14 @@ def long_stream(url: str) -> dict:
 
 
 def test_the_chosen_ingress_takes_the_requests_in(server):
-    names = [name(p) for p in psutil.Process(server.process.pid).children(recursive=True)]
-    assert ("haproxy" in names) == ("ray::HAProxyManager" in names) == (server.ingress == "haproxy")
+    haproxy = server.ingress == "haproxy"
+    deadline = time.monotonic() + 30  # Serve's HAProxy manager may start HAProxy after the apps run
+    while True:
+        names = [name(p) for p in psutil.Process(server.process.pid).children(recursive=True)]
+        if ("haproxy" in names) == haproxy or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert ("haproxy" in names) == ("ray::HAProxyManager" in names) == haproxy, names
     routes = httpx.get(f"{server.url}/-/routes", timeout=10).json()
     assert routes == {"/": "rlhf-ray", "/base": "rlhf-ray-base", "/sft": "rlhf-ray-sft"}
 
