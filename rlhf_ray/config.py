@@ -239,13 +239,30 @@ class RewardConfig(TrainStage):
         "Yang et al. 2024's generalisable reward models). The stage's logged `loss` includes it; "
         "`eval_loss` is the Bradley-Terry loss alone. Needs likelihood_weight > 0.",
     )
+    likelihood_gate: bool = Field(
+        False, description="Weigh each response token's log-probability in the likelihood term by "
+        "g = 2 sigmoid(a linear function of the reward model's hidden state at that token), "
+        "learned with the rest and starting at g = 1 (the plain mean). The plain mean counts every "
+        "token alike, so a right answer in a form sft/ never writes (a bare \"Paris.\", its first "
+        "word unlikely) scores as if it were wrong, and the head learns to cancel the likelihood, "
+        "imprecisely; the gate learns which tokens tell what the model knows. On the demo it "
+        "lifts held-out accuracy from 0.83 to 0.92, yet PPO against it lost SFT's exact match in 3 "
+        "of 4 runs (0.94-0.96 against 0.97), so the demo leaves it off (docs/demo.md). Saved in "
+        "config.json and likelihood_gate.safetensors. Needs likelihood_weight > 0.",
+    )
 
     @model_validator(mode="after")
-    def _lm_loss_needs_the_likelihood(self) -> RewardConfig:
-        if self.lm_loss_weight and not self.likelihood_weight:
+    def _likelihood_options_need_the_likelihood(self) -> RewardConfig:
+        if self.likelihood_weight:
+            return self
+        if self.lm_loss_weight:
             raise ValueError(f"reward.lm_loss_weight {self.lm_loss_weight} keeps the likelihood term's "
                              "language model; with reward.likelihood_weight 0 there is none: set "
                              "likelihood_weight > 0 or lm_loss_weight 0")
+        if self.likelihood_gate:
+            raise ValueError("reward.likelihood_gate weighs the likelihood term's tokens; with "
+                             "reward.likelihood_weight 0 there is none: set likelihood_weight > 0 "
+                             "or likelihood_gate false")
         return self
 
 

@@ -3,7 +3,8 @@
 Policies are causal LMs. Reward and value models are the same backbone with a scalar head
 (`AutoModelForSequenceClassification`, `num_labels=1`) whose score is read at the last non-pad
 token. A reward model may also weigh in how likely its own language model finds the response
-(`likelihood_weight` in its config.json; see `sequence_scores`).
+(`likelihood_weight` in its config.json, optionally token by token through a learned gate; see
+`sequence_scores`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -89,22 +91,29 @@ def load_policy(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedM
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
 
 
-# The key in a reward model's config.json: the weight of the response's mean log-probability
-# in its score (absent or 0: the scalar head alone).
+# The keys in a reward model's config.json: the weight of the response's mean log-probability
+# in its score (absent or 0: the scalar head alone), and whether a learned gate weighs its tokens.
 LIKELIHOOD_WEIGHT = "likelihood_weight"
+LIKELIHOOD_GATE = "likelihood_gate"
+# The gate's weights, apart, so that model.safetensors stays what transformers expects of a
+# sequence-classification model (it would report a gate there as an unexpected weight).
+GATE_FILE = "likelihood_gate.safetensors"
 
 
 def load_scalar_model(folder: Path, dtype: torch.dtype = torch.float32,
-                      likelihood_weight: float | None = None) -> PreTrainedModel:
+                      likelihood_weight: float | None = None, likelihood_gate: bool | None = None
+                      ) -> PreTrainedModel:
     """A reward/value model: a saved one, or a policy folder given a new scalar head.
-    `likelihood_weight` sets the weight of the likelihood term (as a new reward model starts);
-    by default the folder's own. A model with untied embeddings keeps its language-model head
-    for that term."""
+    `likelihood_weight` sets the weight of the likelihood term and `likelihood_gate` whether a
+    new gate weighs its tokens (as a new reward model starts); by default the folder's own. A
+    model with untied embeddings keeps its language-model head for that term."""
     check_model_folder(folder)
     config = AutoConfig.from_pretrained(str(folder))
     config.num_labels = 1
     if likelihood_weight is not None:
         setattr(config, LIKELIHOOD_WEIGHT, likelihood_weight)
+    if likelihood_gate is not None:
+        setattr(config, LIKELIHOOD_GATE, likelihood_gate)
     pad = load_tokenizer(folder).pad_id
     if config.pad_token_id is None:
         config.pad_token_id = pad
@@ -115,7 +124,30 @@ def load_scalar_model(folder: Path, dtype: torch.dtype = torch.float32,
     model = AutoModelForSequenceClassification.from_pretrained(str(folder), config=config, dtype=dtype)
     if likelihood_weight_of(model) and not config.tie_word_embeddings:
         model.lm_head = _saved_lm_head(folder, model, dtype)
+    if getattr(config, LIKELIHOOD_GATE, False):
+        model.likelihood_gate = _likelihood_gate(folder, model, dtype, new=likelihood_gate is not None)
     return model
+
+
+def _likelihood_gate(folder: Path, model: PreTrainedModel, dtype: torch.dtype, new: bool) -> torch.nn.Linear:
+    """The gate of a reward model's likelihood term: zero for a new one (g = 1 on every token,
+    the plain mean), else the folder's saved weights."""
+    gate = torch.nn.Linear(model.config.hidden_size, 1, dtype=dtype)
+    model._keys_to_ignore_on_save = {*(model._keys_to_ignore_on_save or ()), *(
+        f"{LIKELIHOOD_GATE}.{name}" for name, _ in gate.named_parameters())}
+    if new:
+        torch.nn.init.zeros_(gate.weight)
+        torch.nn.init.zeros_(gate.bias)
+        return gate
+    path = Path(folder) / GATE_FILE
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; the reward model's config.json ({LIKELIHOOD_GATE}: true) "
+                         "says its score reads a gate saved there")
+    try:
+        gate.load_state_dict({k: v.to(dtype) for k, v in load_file(str(path)).items()})
+    except (RuntimeError, OSError, SafetensorError) as e:  # other keys or shapes, or not safetensors
+        raise ValueError(f"{path}: not this reward model's gate ({model.config.hidden_size} wide): {e}") from None
+    return gate
 
 
 def _saved_lm_head(folder: Path, model: PreTrainedModel, dtype: torch.dtype) -> torch.nn.Linear:
@@ -191,6 +223,10 @@ def score_parts(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask:
                          f"({LIKELIHOOD_WEIGHT} {weight}): pass response_mask")
     head = inner.lm_head if hasattr(inner, "lm_head") else inner.get_input_embeddings()
     logprobs = token_logprobs(torch.nn.functional.linear(hidden[:, :-1], head.weight).float(), input_ids)
+    if (gate := getattr(inner, LIKELIHOOD_GATE, None)) is not None:
+        # token t+1's weight, read at that token (column t predicts it): what the model has learned
+        # the token tells, e.g. little for the unlikely first word of a bare "Paris."
+        logprobs = logprobs * 2 * torch.sigmoid(gate(hidden[:, 1:]).squeeze(-1).float())
     mask = response_mask.to(logprobs.dtype)
     return scores, (logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
@@ -226,6 +262,8 @@ def save_model(model: PreTrainedModel, tokenizer: ChatTokenizer, dest: Path) -> 
     """Write model + tokenizer as one folder; it appears only once everything is written."""
     with atomic_folder(Path(dest), replace=True) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        if (gate := getattr(model, LIKELIHOOD_GATE, None)) is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in gate.state_dict().items()}, str(tmp / GATE_FILE))
         tokenizer.save(tmp)
         if model.can_generate():
             GenerationConfig(

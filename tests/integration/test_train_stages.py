@@ -53,6 +53,7 @@ def test_the_three_stages_train_on_two_workers_and_export_hf_folders(run):
     load_policy(run / "sft")
     reward = load_scalar_model(run / "reward")
     assert reward.config.num_labels == 1 and likelihood_weight_of(reward) == cfg.reward.likelihood_weight == 1.0
+    assert cfg.reward.likelihood_gate and reward.likelihood_gate.weight.abs().sum() > 0  # the gate trained
 
 
 def test_sft_starts_from_base_and_reward_from_sft(run):
@@ -62,7 +63,8 @@ def test_sft_starts_from_base_and_reward_from_sft(run):
     name = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(base[name], sft[name])  # SFT trained it further
     assert not torch.equal(sft[name], reward[name])
-    assert set(reward) - set(sft) == {"score.weight"}
+    assert set(reward) - set(sft) == {"score.weight"}  # a plain sequence-classification checkpoint,
+    assert set(load_file(run / "reward" / "likelihood_gate.safetensors")) == {"weight", "bias"}  # the gate apart
 
 
 def test_sft_samples_ranked_by_a_labeler_function_become_reward_data(run):

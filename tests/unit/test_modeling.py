@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from rlhf_ray.modeling import (
@@ -182,3 +183,56 @@ def test_a_likelihood_weighted_score_needs_to_know_the_response(tiny_policy_dir,
     ids = torch.tensor([tiny_tokenizer.encode_document("Paris")])
     with pytest.raises(ValueError, match="likelihood_weight 1.0.*response_mask"):
         sequence_scores(reward, ids, torch.ones_like(ids))
+
+
+def test_a_likelihood_gate_weighs_each_response_tokens_logprob_by_what_the_model_reads_at_it(
+        tmp_path, tiny_policy_dir, tiny_tokenizer):
+    """With a gate, the likelihood term is the mean of g_t * log pi(token t | before) over the
+    response, g_t = 2 sigmoid(gate(hidden state at token t)): a new gate is 0, so g = 1 and the
+    score is the plain one; a trained gate changes it as computed here by hand, and travels with
+    the saved model."""
+    from rlhf_ray.data.records import Message
+    from rlhf_ray.modeling import LIKELIHOOD_GATE, score_conversations
+
+    torch.manual_seed(0)
+    plain = load_scalar_model(tiny_policy_dir, likelihood_weight=2.0).eval()
+    torch.manual_seed(0)  # the same head
+    gated = load_scalar_model(tiny_policy_dir, likelihood_weight=2.0, likelihood_gate=True).eval()
+    messages = [Message(**m) for m in CONVERSATION]
+    assert score_conversations(gated, tiny_tokenizer, [messages]) == pytest.approx(
+        score_conversations(plain, tiny_tokenizer, [messages]), abs=1e-5)
+
+    torch.manual_seed(1)
+    torch.nn.init.normal_(gated.likelihood_gate.weight, std=0.5)
+    torch.nn.init.constant_(gated.likelihood_gate.bias, -0.3)
+    ids, mask = tiny_tokenizer.render_chat(messages)
+    context = len(tiny_tokenizer.render_chat(messages[:-1])[0])
+    said = [t for t in range(context, len(ids)) if mask[t]]
+    with torch.no_grad():
+        out = load_policy(tiny_policy_dir)(torch.tensor([ids]), output_hidden_states=True)
+        logprobs, hidden = out.logits[0].log_softmax(-1), out.hidden_states[-1][0]
+        gates = 2 * torch.sigmoid(gated.likelihood_gate(hidden).squeeze(-1))
+        head = plain.score(hidden[-1]).item()
+    by_hand = head + 2.0 * sum(gates[t].item() * logprobs[t - 1, ids[t]].item() for t in said) / len(said)
+    assert min(gates[t].item() for t in said) < 0.9 < 1.1 < max(gates[t].item() for t in said)  # really gated
+    score = score_conversations(gated, tiny_tokenizer, [messages])[0]
+    assert score == pytest.approx(by_hand, abs=1e-4)
+
+    save_model(gated, tiny_tokenizer, tmp_path / "reward")
+    assert json.loads((tmp_path / "reward" / "config.json").read_text())[LIKELIHOOD_GATE] is True
+    with safe_open(str(tmp_path / "reward" / "model.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if k.startswith(LIKELIHOOD_GATE)]  # what transformers expects; the gate apart
+    reloaded = load_scalar_model(tmp_path / "reward").eval()
+    assert score_conversations(reloaded, tiny_tokenizer, [messages])[0] == pytest.approx(score, abs=1e-4)
+
+
+def test_a_reward_model_whose_config_names_a_gate_it_lacks_or_cannot_read_is_refused_by_name(
+        tmp_path, tiny_policy_dir, tiny_tokenizer):
+    save_model(load_scalar_model(tiny_policy_dir, likelihood_weight=1.0), tiny_tokenizer, tmp_path / "reward")
+    config = json.loads((tmp_path / "reward" / "config.json").read_text())
+    (tmp_path / "reward" / "config.json").write_text(json.dumps(config | {"likelihood_gate": True}))
+    with pytest.raises(ValueError, match=r"reward/likelihood_gate.safetensors: missing.*likelihood_gate: true"):
+        load_scalar_model(tmp_path / "reward")
+    (tmp_path / "reward" / "likelihood_gate.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=r"reward/likelihood_gate.safetensors: not this reward model's gate"):
+        load_scalar_model(tmp_path / "reward")

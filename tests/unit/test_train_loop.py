@@ -161,7 +161,8 @@ def test_reward_loss_of_a_comparison_is_the_mean_of_its_pairs_and_counts_once(tm
 
 
 def test_reward_loss_of_the_tiny_model_matches_its_scores_by_hand(tmp_path, tiny_policy_dir, tokenizer):
-    cfg = run_config(tmp_path, "reward", likelihood_weight=0.0, lm_loss_weight=0.0)  # the head alone
+    cfg = run_config(tmp_path, "reward", likelihood_weight=0.0, lm_loss_weight=0.0,
+                     likelihood_gate=False)  # the head alone
     group = [np.array(tokenizer.encode_document(text), dtype=np.int32)
              for text in ("The capital of France is Paris.", "Paris.", "The capital of France is Lima.")]
     task = RewardTask(cfg, as_examples([group]), [], init_dir=tiny_policy_dir, out_dir=tmp_path / "reward")
@@ -239,9 +240,11 @@ def test_an_lm_loss_weight_adds_the_best_responses_cross_entropy_to_each_compari
     assert losses[0.5].item() == pytest.approx(losses[0.0].item() + 0.5 * best_cross_entropy, rel=1e-4)
 
 
-def test_an_lm_loss_weight_without_a_likelihood_term_is_refused_by_name(tmp_path):
+def test_an_lm_loss_weight_or_a_gate_without_a_likelihood_term_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="reward.lm_loss_weight 0.5 .* reward.likelihood_weight 0"):
         run_config(tmp_path, "reward", likelihood_weight=0.0, lm_loss_weight=0.5)
+    with pytest.raises(ValueError, match="reward.likelihood_gate .* reward.likelihood_weight 0"):
+        run_config(tmp_path, "reward", likelihood_weight=0.0, lm_loss_weight=0.0, likelihood_gate=True)
 
 
 @pytest.mark.parametrize("world", [1, 2])
