@@ -246,9 +246,22 @@ class RewardConfig(TrainStage):
         "token alike, so a right answer in a form sft/ never writes (a bare \"Paris.\", its first "
         "word unlikely) scores as if it were wrong, and the head learns to cancel the likelihood, "
         "imprecisely; the gate learns which tokens tell what the model knows. On the demo it "
-        "lifts held-out accuracy from 0.83 to 0.92, yet PPO against it lost SFT's exact match in 3 "
-        "of 4 runs (0.94-0.96 against 0.97), so the demo leaves it off (docs/demo.md). Saved in "
-        "config.json and likelihood_gate.safetensors. Needs likelihood_weight > 0.",
+        "lifts held-out accuracy from 0.83 to 0.92 (0.93 with freeze_embeddings), yet PPO against "
+        "it lost some of SFT's right answers in 5 of 7 runs (exact match 0.94-0.96 against 0.97), "
+        "so the demo leaves it off (docs/demo.md). Saved in config.json and "
+        "likelihood_gate.safetensors. Needs likelihood_weight > 0.",
+    )
+
+    freeze_embeddings: bool = Field(
+        False, description="Keep the token embeddings (in and out: the tied table, or also a kept "
+        "lm_head) as sft/ learned them while the rest trains. The comparisons and the language-"
+        "model loss otherwise move the embeddings of the names they mention, so the likelihood "
+        "term comes to prefer what it was trained on: on the demo, after \"The capital of\" in a "
+        "reply to a question about a held-out country, a trained-on country's name. Frozen, the "
+        "demo's reward model ranks 0.849 / 0.854 / 0.834 of the held-out pairs right (seeds 0 / "
+        "1 / 2) instead of 0.832 / 0.833 / 0.831, and a reply about a trained-on country "
+        "outscores the right answer to 4-9 of 65 held-out questions instead of 13-17 "
+        "(docs/demo.md).",
     )
 
     @model_validator(mode="after")

@@ -237,8 +237,13 @@ class RewardTask(_ComparisonTask):
 
     def build_model(self) -> torch.nn.Module:
         torch.manual_seed(self.cfg.seed)  # the new scalar head
-        return load_scalar_model(self.init_dir, likelihood_weight=self.stage.likelihood_weight,
-                                 likelihood_gate=self.stage.likelihood_gate)
+        model = load_scalar_model(self.init_dir, likelihood_weight=self.stage.likelihood_weight,
+                                  likelihood_gate=self.stage.likelihood_gate)
+        if self.stage.freeze_embeddings:
+            for table in (model.get_input_embeddings(), getattr(model, "lm_head", None)):
+                if table is not None:
+                    table.weight.requires_grad_(False)
+        return model
 
     def _batch(self, groups: list[list[ChatExample]]) -> Batch:
         ids, attention = pad([e.ids for g in groups for e in g], self.pad_id)

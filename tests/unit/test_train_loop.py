@@ -247,6 +247,30 @@ def test_an_lm_loss_weight_or_a_gate_without_a_likelihood_term_is_refused_by_nam
         run_config(tmp_path, "reward", likelihood_weight=0.0, lm_loss_weight=0.0, likelihood_gate=True)
 
 
+@pytest.mark.parametrize("freeze", [False, True])
+def test_frozen_embeddings_stay_sft_s_while_the_rest_of_the_reward_model_trains(tmp_path, tiny_policy_dir,
+                                                                                tokenizer, freeze):
+    """reward.freeze_embeddings keeps the token table (tied: in and out) exactly as sft/ has it,
+    in training and in the exported folder; the layers, the head and the gate still learn."""
+    from rlhf_ray.data.records import ComparisonRecord
+    from rlhf_ray.train.stages import preference_groups
+
+    records = [ComparisonRecord.model_validate({"prompt": f"Capital of {country}?", "responses": [
+                   f"The capital of {country} is {city}.", f"{city}.", f"The capital of {country} is Lima."]})
+               for country, city in (("France", "Paris"), ("Japan", "Tokyo"))]
+    groups = preference_groups(records, tokenizer, 512)
+    cfg = run_config(tmp_path, "reward", steps=3, eval_every=3, likelihood_weight=1.0, lm_loss_weight=0.5,
+                     likelihood_gate=True, freeze_embeddings=freeze)
+    task = RewardTask(cfg, groups, groups, init_dir=tiny_policy_dir, out_dir=tmp_path / "reward")
+    train(task, Worker(metrics_path=tmp_path / "metrics" / "reward.jsonl"))
+
+    sft, reward = load_file(tiny_policy_dir / "model.safetensors"), load_file(task.out_dir / "model.safetensors")
+    table = "model.embed_tokens.weight"
+    assert torch.equal(reward[table], sft[table]) == freeze
+    assert not torch.equal(reward["model.layers.0.mlp.up_proj.weight"], sft["model.layers.0.mlp.up_proj.weight"])
+    assert load_file(task.out_dir / "likelihood_gate.safetensors")["weight"].abs().sum() > 0
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_a_reward_micro_batch_keeps_every_response_of_a_comparison_together(tmp_path, tiny_policy_dir, world):
     cfg = run_config(tmp_path, "reward", batch_size=4, micro_batch_size=2)
