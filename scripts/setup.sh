@@ -18,7 +18,8 @@ fi
 
 echo "setup: installing rlhf-ray[$extras] into .venv (a few minutes the first time)"
 log=.venv/setup.log
-[ -x .venv/bin/python ] || "$python" -m venv .venv
+# A .venv cut short (setup interrupted while creating it) has python but no pip: make it again.
+.venv/bin/python -m pip --version >/dev/null 2>&1 || "$python" -m venv --clear .venv
 {
     .venv/bin/python -m pip install --upgrade pip
     .venv/bin/python -m pip install -e ".[$extras]"
