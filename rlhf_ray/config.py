@@ -251,7 +251,6 @@ class RewardConfig(TrainStage):
         "so the demo leaves it off (docs/demo.md). Saved in config.json and "
         "likelihood_gate.safetensors. Needs likelihood_weight > 0.",
     )
-
     freeze_embeddings: bool = Field(
         False, description="Keep the token embeddings (in and out: the tied table, or also a kept "
         "lm_head) as sft/ learned them while the rest trains. The comparisons and the language-"

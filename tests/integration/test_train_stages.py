@@ -64,6 +64,8 @@ def test_sft_starts_from_base_and_reward_from_sft(run):
     assert not torch.equal(base[name], sft[name])  # SFT trained it further
     assert not torch.equal(sft[name], reward[name])
     assert set(reward) - set(sft) == {"score.weight"}  # a plain sequence-classification checkpoint,
+    table = "model.embed_tokens.weight"  # configs/test.yaml freezes it: sft/'s, trained on two DDP workers
+    assert load_config(TEST_CONFIG).reward.freeze_embeddings and torch.equal(sft[table], reward[table])
     assert set(load_file(run / "reward" / "likelihood_gate.safetensors")) == {"weight", "bias"}  # the gate apart
 
 
