@@ -164,14 +164,15 @@ def test_a_stream_comes_in_pieces_and_overload_is_refused_with_503(server, where
 
 
 def test_a_client_that_goes_away_lets_its_request_go(server):
-    """Had the replica not seen the client go, it would have written all 300 tokens (a second or
-    two here) and counted them as generated."""
+    """Had the replica not seen the client go, it would have written 8 choices of 480 tokens and
+    counted them as generated. (One choice of 300, a second or two here, once ran to its end on a
+    busy CI box before the client's going reached the replica.)"""
     stage = server.stage("base")
     generated = metric(stage, "rlhf_ray_generation_tokens_total", "base")
-    body = {"model": "base", "prompt": "Once upon a time", "max_tokens": 300, "min_tokens": 300,
-            "stream": True}
+    body = {"model": "base", "prompt": "Once upon a time", "max_tokens": 480, "min_tokens": 480,
+            "n": 8, "stream": True}
     with httpx.stream("POST", f"{stage}/v1/completions", json=body, timeout=60) as response:
-        assert response.status_code == 200
+        assert response.status_code == 200, response.read()
         next(response.iter_lines())  # the first chunk; then the client goes away
     deadline = time.monotonic() + 30
     while metric(stage, "rlhf_ray_requests_in_flight", "base") and time.monotonic() < deadline:
