@@ -145,7 +145,7 @@ def markdown(result: dict, against: str) -> list[str]:
             lines.append(f"| {stage} | {r['any']:.0%} | " + " | ".join(f"{r[f]:.0%}" for f in shown) + " |")
     if judged := result.get("reward_model"):
         lines += ["", f"The reward model on the held-out comparisons (data.reward_eval): pairwise "
-                  f"accuracy **{judged['accuracy']:.2f}** over {judged['pairs']} pairs."]
+                  f"accuracy **{judged['accuracy']:.3f}** over {judged['pairs']} pairs."]
         if judged["by_kind"]:
             lines += ["", "| better > worse | pairs | accuracy |", "|---|---:|---:|"]
             lines += [f"| {k} | {v['pairs']} | {v['accuracy']:.2f} |" for k, v in judged["by_kind"].items()]

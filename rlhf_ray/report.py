@@ -87,7 +87,7 @@ def stage_table(run: RunFolder, names: list[str]) -> list[str]:
                 f"{change['reward_sampled']['after']:.3f}, KL {change['kl']['after']:.3f}, exact match "
                 f"{change['exact_match']['before']:.0%} → {change['exact_match']['after']:.0%} |")
         elif losses:
-            also = (f"held-out pairwise accuracy {evals[-1]['eval_accuracy']:.2f}"
+            also = (f"held-out pairwise accuracy {evals[-1]['eval_accuracy']:.3f}"
                     if evals and "eval_accuracy" in evals[-1] else "")
             if evals and "eval_margin" in evals[-1]:  # DPO's implicit reward beta * log pi/ref
                 also += f", implicit reward margin {evals[-1]['eval_margin']:.3f}"
@@ -127,7 +127,7 @@ def ppo_and_dpo(run: RunFolder, evaluation: dict[str, Any]) -> list[str]:
 
     def held_out_accuracy(name: str) -> str:
         rows = [r for r in read_metrics(run.metrics(name)) if "eval_accuracy" in r]
-        return f"{rows[-1]['eval_accuracy']:.2f}" if rows else "–"
+        return f"{rows[-1]['eval_accuracy']:.3f}" if rows else "–"
 
     def number(name: str, key: str) -> str:
         value = variants[name].get(key)

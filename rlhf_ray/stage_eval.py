@@ -168,9 +168,17 @@ def claim(text: str, left: tuple[str, float | None], op: str, right: tuple[str, 
             "detail": f"{left_name} {a:.3f} {op if holds else 'not ' + op} {right_name} {b:.3f}"}
 
 
-def check_claims(variants: dict[str, dict], wins: dict[str, dict] | None = None) -> list[dict]:
+# The held-out pairwise accuracy a reward model must reach for its judgement to count as good:
+# InstructGPT's agreed with its labelers 72% of the time, but the demo's labeler is consistent and
+# knows the facts, so a reward model that learned its rankings should agree far more often.
+REWARD_ACCURACY_GOAL = 0.85
+
+
+def check_claims(variants: dict[str, dict], wins: dict[str, dict] | None = None,
+                 reward_accuracy: float | None = None) -> list[dict]:
     """The talk's claims, each decided by one fixed comparison of the measured numbers; the
-    preference claims only when a labeler judged the replies (`wins`, preference_eval.win_rates)."""
+    preference claims only when a labeler judged the replies (`wins`, preference_eval.win_rates),
+    the reward model's only when it was judged on held-out comparisons (`reward_accuracy`)."""
     def get(name: str, key: str) -> tuple[str, float | None]:
         return f"{name} {key}", variants.get(name, {}).get(key)
 
@@ -187,6 +195,9 @@ def check_claims(variants: dict[str, dict], wins: dict[str, dict] | None = None)
               ("threshold", 0.5)),
         claim("few-shot examples help the base model", best, ">", get(shots(0), "exact_match")),
         claim("SFT beats few-shot prompting", get(SFT, "exact_match"), ">", best),
+        *([claim("the reward model ranks held-out replies as the labeler does",
+                 ("reward model held-out accuracy", reward_accuracy), ">=",
+                 ("goal", REWARD_ACCURACY_GOAL))] if reward_accuracy is not None else []),
         claim("RLHF raises the reward model's score over SFT", get(RLHF, "reward"), ">",
               get(SFT, "reward")),
         claim("without losing exact match", get(RLHF, "exact_match"), ">=", get(SFT, "exact_match")),
@@ -374,7 +385,8 @@ def evaluate_stages(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
     variants = [summarise(n, records, replies[n], lengths[n], rewards.get(n), kl.get(n), picks)
                 for n in VARIANTS if n in replies]
     result |= {"variants": variants, "skipped": skipped,
-               "claims": check_claims({v["name"]: v for v in variants}, result.get("win_rates"))}
+               "claims": check_claims({v["name"]: v for v in variants}, result.get("win_rates"),
+                                      result.get("reward_model", {}).get("accuracy"))}
     out_dir = RunFolder(cfg.run_dir).eval
     write_json_atomic(out_dir / "stages.json", result)
     write_text_atomic(out_dir / "stages.md", markdown(cfg.name, result))

@@ -12,13 +12,15 @@ computes the same quantity by dividing its logits by the temperature, so the two
 the engine's numerics (PPO's `logprob_mismatch`, corrected by truncated importance sampling).
 
 `RolloutEngine` is a plain class (usable without Ray, e.g. in tests); `RolloutActor` is the same
-class as a Ray actor.
+class as a Ray actor, with vLLM's engine core in the actor's own process.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -156,4 +158,13 @@ class RolloutEngine:
         self.llm.llm_engine.engine_core.shutdown()
 
 
-RolloutActor = ray.remote(RolloutEngine)
+@ray.remote
+class RolloutActor(RolloutEngine):
+    """A RolloutEngine in a Ray actor, which is a process of its own already: vLLM's engine core
+    runs in it instead of in two more processes (engine core, worker), each of which imports vLLM
+    again. On 2 CPU cores that cut 17 s from every engine start and some IPC from every step
+    (compare-data of the demo: 52 s -> 36 s, the same samples)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read by vLLM when LLM() starts
+        super().__init__(*args, **kwargs)

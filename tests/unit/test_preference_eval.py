@@ -105,7 +105,7 @@ def test_the_preference_sections_render_as_tables():
     text = "\n".join(markdown(result, "sft"))
     assert "| rlhf | 2 | 1 | 1 | 67% |" in text
     assert "| model | any | extra_fact | chatty | hedged |" in text and "| sft | 50% | 0% | 25% | 25% |" in text
-    assert "pairwise accuracy **0.50** over 2 pairs" in text and "| good > hedged | 2 | 0.50 |" in text
+    assert "pairwise accuracy **0.500** over 2 pairs" in text and "| good > hedged | 2 | 0.50 |" in text
     assert "| 0.10–0.30 | 2 | 0.50 |" in text
 
 

@@ -45,7 +45,7 @@ def test_the_report_shows_each_stage_and_the_evaluations_replies_side_by_side(tm
     write_text_atomic(run.eval / "stages.md", "# title\n\n| model | exact match |\n\n![stages](stages.png)\n")
     report = write_report(cfg).read_text()
     assert "| pretrain | 3 | 3.000 → 2.000 | – |  |" in report
-    assert "| reward | 1 | 0.700 → 0.700 | 0.600 | held-out pairwise accuracy 0.75 |" in report
+    assert "| reward | 1 | 0.700 → 0.700 | 0.600 | held-out pairwise accuracy 0.750 |" in report
     assert ("| ppo | 4 | reward (greedy, held-out) 0.100 → 0.600 | – | sampled reward 0.000 → 0.400, "
             "KL 0.300, exact match 20% → 50% |") in report
     table = report.split("| question | base continues | SFT | RLHF | reference |\n|---|---|---|---|---|\n")[1]
@@ -79,7 +79,7 @@ def test_a_run_with_dpo_reports_it_next_to_ppo(tmp_path):
         variant("dpo", ["Lima is the capital.", "Nairobi.", "Asia."], 0.7) | {"reward": 0.3, "kl_to_sft": 0.4}]})
     write_text_atomic(run.eval / "stages.md", "# title\n")
     report = write_report(cfg).read_text()
-    assert ("| dpo | 2 | 0.690 → 0.500 | 0.550 | held-out pairwise accuracy 0.80, implicit reward margin "
+    assert ("| dpo | 2 | 0.690 → 0.500 | 0.550 | held-out pairwise accuracy 0.800, implicit reward margin "
             "0.350 |") in report
     table = report.split("| question | base continues | SFT | RLHF | DPO | reference |\n|---|---|---|---|---|---|\n")[1]
     assert table.splitlines()[0] == ("| What is the capital of Peru? | What is the capital of Chile? | Lima. | "
@@ -87,8 +87,8 @@ def test_a_run_with_dpo_reports_it_next_to_ppo(tmp_path):
     assert "sft 50% of 40, rlhf 60% of 40, dpo 70% of 40." in report
     section = report.split("## PPO and DPO from the same comparisons")[1]
     # the reward model's held-out accuracy (0.75) for PPO, DPO's own (0.80) for DPO
-    assert "| rlhf | 0.75 | 0.600 | 0.200 | 0.100 | – |" in section
-    assert "| dpo | 0.80 | 0.700 | 0.300 | 0.400 | – |" in section
+    assert "| rlhf | 0.750 | 0.600 | 0.200 | 0.100 | – |" in section
+    assert "| dpo | 0.800 | 0.700 | 0.300 | 0.400 | – |" in section
 
 
 def test_a_run_without_dpo_has_no_dpo_row_column_or_section(tmp_path):

@@ -116,6 +116,16 @@ def test_claims_hold_or_not_from_the_numbers():
     assert claims[4]["holds"] is False
 
 
+def test_the_reward_model_s_claim_is_its_held_out_accuracy_against_the_goal():
+    variants = numbers(0.1, [0.1, 0.3, 0.2], 0.6, 0.6)
+    [judged] = [c for c in check_claims(variants, reward_accuracy=0.8489)
+                if c["claim"] == "the reward model ranks held-out replies as the labeler does"]
+    assert judged["holds"] is False  # 0.849 is short of 0.85, however it rounds
+    assert judged["detail"] == "reward model held-out accuracy 0.849 not >= goal 0.850"
+    assert [c["holds"] for c in check_claims(variants, reward_accuracy=0.85)][3] is True
+    assert len(check_claims(variants)) == 5  # no reward model judged: no claim about it
+
+
 def test_claims_without_their_inputs_are_not_measured():
     variants = numbers(0.1, [0.1, 0.3, 0.2], 0.6, 0.6)
     del variants["rlhf"]
@@ -147,8 +157,9 @@ def test_evaluate_stages_on_a_tiny_run(tmp_path, tiny_policy_dir, tiny_reward_di
     assert by_name["rlhf"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-5)  # the same weights as sft
     assert by_name["sft"]["kl_to_sft"] == 0.0 and by_name["base 0-shot"]["kl_to_sft"] is None
     assert by_name["sft"]["samples"] == by_name["rlhf"]["samples"]
-    assert [c["holds"] for c in result["claims"]][3:] == [False, True, None]  # equal RM scores
-    # and matches; RLHF's replies are SFT's, so every comparison ties and no win rate is measured
+    # an untrained reward model misses the accuracy goal; RLHF's replies are SFT's: equal RM scores
+    # and matches, and every comparison ties, so no win rate is measured
+    assert [c["holds"] for c in result["claims"]][3:] == [False, False, True, None]
     assert result["win_rates"] == {"rlhf": {"wins": 0, "ties": 3, "losses": 0, "win_rate": None}}
     assert result["labeler"] == "demo" and "fault_rates" not in result  # not the demo's questions
     judged = result["reward_model"]
