@@ -20,7 +20,7 @@ from rlhf_ray.config import RunConfig
 from rlhf_ray.data.readers import read_many
 from rlhf_ray import preference_eval
 from rlhf_ray.data.records import ChatRecord, ComparisonRecord, Message, PromptRecord
-from rlhf_ray.evaluate import generate_greedy
+from rlhf_ray.evaluate import generate_greedy, newline_tokens
 from rlhf_ray.modeling import load_policy, load_scalar_model, pad, score_conversations
 from rlhf_ray.prompting import exact_match, few_shot_document, prompt_ids
 from rlhf_ray.run import CHAT_MODELS, REWARD_MODEL, RunFolder, base_model, data_files, serves_as
@@ -279,11 +279,12 @@ def base_variants(folder: Path, questions: list[str], examples: list[tuple[str, 
     """The base model's replies and their token counts (the model loaded once), 0/1/3/5-shot; a
     reply is the first line of the continuation, since what follows is the document going on."""
     tokenizer, model = load_tokenizer(folder), on_device(load_policy(folder))
+    line_ends = newline_tokens(tokenizer)
     replies, lengths = {}, {}
     for k in SHOTS:
         log(f"{shots(k)}: {len(questions)} questions")
         docs = [tokenizer.encode_document(few_shot_document(examples[:k], q)) for q in questions]
-        out = generate_greedy(folder, docs, MAX_NEW_TOKENS, model=model)
+        out = generate_greedy(folder, docs, MAX_NEW_TOKENS, model=model, end_after=line_ends)
         replies[shots(k)] = [first_line(tokenizer.decode(ids)) for ids in out]
         lengths[shots(k)] = [len(first_line_ids(tokenizer, ids)) for ids in out]
     return replies, lengths

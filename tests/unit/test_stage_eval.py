@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rlhf_ray.config import DPOConfig, validate_config
+from rlhf_ray.evaluate import generate_greedy, newline_tokens
 from rlhf_ray.modeling import load_policy
 from rlhf_ray.report import stages_section
 from rlhf_ray.run import RunFolder
@@ -17,6 +18,8 @@ from rlhf_ray.stage_eval import (
     check_claims,
     evaluate_stages,
     few_shot_examples,
+    first_line,
+    first_line_ids,
     held_out_questions,
     kl_along,
 )
@@ -180,6 +183,26 @@ def test_missing_models_are_skipped_with_the_reason(tmp_path, tiny_policy_dir):
     assert "no config.json" in result["skipped"]["rlhf"]
     assert result["variants"][0]["reward"] is None
     assert [c["holds"] for c in result["claims"]] == [None] * 5
+
+
+def test_a_continuation_ends_after_an_end_token_and_keeps_it(tiny_policy_dir, tiny_tokenizer):
+    prompts = [tiny_tokenizer.encode_document(t) for t in ("The capital of", "The capital of Peru")]
+    full = generate_greedy(tiny_policy_dir, prompts, 24)
+    end = full[0][3]
+    ended = generate_greedy(tiny_policy_dir, prompts, 24, end_after={end})
+    for whole, cut in zip(full, ended):
+        assert cut == (whole[:whole.index(end) + 1] if end in whole else whole)
+    assert len(ended[0]) == 4
+
+
+def test_a_base_reply_stops_at_its_line_break_with_the_same_first_line(tiny_tokenizer):
+    line_ends = newline_tokens(tiny_tokenizer)
+    assert tiny_tokenizer.encode("\n") and set(tiny_tokenizer.encode("\n")) <= line_ends
+    assert all("\n" in tiny_tokenizer.decode([i]) for i in line_ends)
+    reply = tiny_tokenizer.encode("Lima. And then\nQ: next")
+    ended = reply[:next(i for i, t in enumerate(reply) if t in line_ends) + 1]
+    assert first_line(tiny_tokenizer.decode(ended)) == first_line(tiny_tokenizer.decode(reply)) == "Lima. And then"
+    assert first_line_ids(tiny_tokenizer, ended) == first_line_ids(tiny_tokenizer, reply)
 
 
 def test_kl_along_a_reply_is_exact_and_counts_the_stop_step(tiny_policy_dir, tiny_tokenizer):
