@@ -28,7 +28,7 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
 LOCAL_CLUSTER = yaml.safe_load((REPO / "cluster-local.yaml").read_text())
 IDLE_TIMEOUT_S = 60 * LOCAL_CLUSTER["idle_timeout_minutes"]
-PPO_ROLES = ("RolloutEngine", "PolicyRole", "ValueRole", "ReferenceRole", "RewardModelRole")
+PPO_ROLES = ("RolloutActor", "PolicyRole", "ValueRole", "ReferenceRole", "RewardModelRole")
 
 
 dashboard_gcs_port: list[str] = []

@@ -69,6 +69,26 @@ def test_sft_starts_from_base_and_reward_from_sft(run):
     assert set(load_file(run / "reward" / "likelihood_gate.safetensors")) == {"weight", "bias"}  # the gate apart
 
 
+def test_the_reward_model_trains_under_fsdp_with_its_token_table_frozen_and_its_gate(run, tmp_path):
+    """configs/test.yaml's reward model (frozen token table, likelihood gate) sharded over two
+    workers instead of replicated: the table stays sft/'s, the gate trains and is saved apart."""
+    test_run = tmp_path / "test"
+    for name in ("data", "tokenizer", "base", "sft", "compare"):
+        shutil.copytree(run / name, test_run / name)
+    cfg = load_config(TEST_CONFIG, [f"runs_dir={tmp_path}", "reward.strategy=fsdp", "reward.steps=3",
+                                    "reward.eval_every=3", *COMPARE[1::2]])
+    prepare_run(cfg)
+    train_model(cfg, "reward")
+    assert [m["workers"] for m in metrics(test_run, "reward")] == [2] * 3
+    sft = load_file(test_run / "sft" / "model.safetensors")
+    reward = load_file(test_run / "reward" / "model.safetensors")
+    assert set(reward) - set(sft) == {"score.weight"}
+    assert torch.equal(sft["model.embed_tokens.weight"], reward["model.embed_tokens.weight"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(sft[name], reward[name])
+    assert load_scalar_model(test_run / "reward").likelihood_gate.weight.abs().sum() > 0
+
+
 def test_sft_samples_ranked_by_a_labeler_function_become_reward_data(run):
     store = ComparisonStore(run / "compare")
     candidates = store.candidates()
