@@ -247,14 +247,18 @@ def score_conversations(model: PreTrainedModel, tokenizer: ChatTokenizer,
     if replies and (longest := max(len(ids) for ids, _ in replies)) > limit:
         raise ValueError(f"a conversation is {longest} tokens; the reward model's context is {limit}")
     device = next(model.parameters()).device
-    scores: list[float] = []
-    for start in range(0, len(replies), batch_size):
-        chunk = replies[start:start + batch_size]
-        ids, attention = pad([ids for ids, _ in chunk], tokenizer.pad_id)
-        response, _ = pad([mask for _, mask in chunk], 0)
+    # Shortest first, so a batch pads to a length near its own (the held-out comparisons in the
+    # demo's evaluation: 11 s in input order, 2.4 s sorted); the scores go back in input order.
+    order = sorted(range(len(replies)), key=lambda i: len(replies[i][0]))
+    scores = [0.0] * len(replies)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        ids, attention = pad([replies[i][0] for i in rows], tokenizer.pad_id)
+        response, _ = pad([replies[i][1] for i in rows], 0)
         with torch.no_grad():
-            scores += sequence_scores(model, ids.to(device), attention.to(device),
-                                      response[:, 1:].to(device)).float().tolist()
+            batch = sequence_scores(model, ids.to(device), attention.to(device), response[:, 1:].to(device))
+        for row, value in zip(rows, batch.float().tolist()):
+            scores[row] = value
     return scores
 
 

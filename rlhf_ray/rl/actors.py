@@ -97,9 +97,9 @@ def start_rollout(placement: Placement, role: str, ppo: PPOConfig, model_dir: Pa
         weight_version=version)
 
 
-def start_role(placement: Placement, role: str, ppo: PPOConfig, model_dir: Path,
-               lr: float | None = None) -> RoleGroup:
-    """The role's workers in their bundles, joined in their group."""
+def launch_role(placement: Placement, role: str, ppo: PPOConfig, model_dir: Path,
+                lr: float | None = None) -> RoleGroup:
+    """The role's workers in their bundles, launched (RoleGroup.join waits for them)."""
     res: TrainedRoleResources | FrozenRoleResources = getattr(ppo.resources, role)
     actor_class = {"policy": PolicyActor, "value": ValueActor, "reference": ReferenceActor,
                    "reward": RewardActor}[role]
@@ -108,4 +108,4 @@ def start_role(placement: Placement, role: str, ppo: PPOConfig, model_dir: Path,
     if lr is not None:
         kwargs |= {"lr": lr, "activation_checkpointing": ppo.activation_checkpointing}
     options = [placement.options(f"{role}{rank}", res) for rank in range(workers(res))]
-    return RoleGroup.start(role, actor_class, options, model_dir=model_dir, **kwargs)
+    return RoleGroup.launch(role, actor_class, options, model_dir=model_dir, **kwargs)

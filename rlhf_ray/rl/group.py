@@ -57,24 +57,35 @@ class RoleGroup:
         self.name, self.workers = name, workers
 
     @classmethod
-    def start(cls, name: str, actor_class: Any, options: list[dict[str, Any]], **kwargs: Any
-              ) -> RoleGroup:
-        """One actor per `options` (its placement and resources), as rank i of len(options);
-        returns once every worker is constructed and has joined the group."""
+    def launch(cls, name: str, actor_class: Any, options: list[dict[str, Any]], **kwargs: Any
+               ) -> RoleGroup:
+        """One actor per `options` (its placement and resources), as rank i of len(options).
+        They are constructed in the background, so the controller can launch every role before it
+        `join`s any: each imports torch and loads its model at the same time as the others."""
         world = len(options)
         workers = [actor_class.options(**o).remote(**kwargs, rank=rank, world_size=world)
                    for rank, o in enumerate(options)]
-        group = cls(name, workers)
+        return cls(name, workers)
+
+    def join(self) -> RoleGroup:
+        """Wait until every worker is constructed and has joined the group (killing them all if
+        one fails)."""
         try:
-            if world > 1:
-                host, port = ray.get(workers[0].open_group_store.remote())
-                group.each("join", host, port).get()
+            if len(self.workers) > 1:
+                host, port = ray.get(self.workers[0].open_group_store.remote())
+                self.each("join", host, port).get()
             else:
-                group.each("ready").get()  # construction errors surface here
+                self.each("ready").get()  # construction errors surface here
         except BaseException:
-            group.kill()
+            self.kill()
             raise
-        return group
+        return self
+
+    @classmethod
+    def start(cls, name: str, actor_class: Any, options: list[dict[str, Any]], **kwargs: Any
+              ) -> RoleGroup:
+        """`launch`, then `join`: returns once every worker is constructed and has joined the group."""
+        return cls.launch(name, actor_class, options, **kwargs).join()
 
     def rows(self, method: str, *args: Any) -> Pending:
         """Every worker runs `method` on its share of the batch; their rows, concatenated."""

@@ -167,6 +167,27 @@ def test_a_likelihood_weighted_reward_adds_the_last_turns_mean_logprob_to_the_he
     assert score_conversations(reloaded, tiny_tokenizer, [messages])[0] == pytest.approx(score, abs=1e-4)
 
 
+def test_conversations_are_scored_in_batches_of_like_length_and_returned_in_their_order(
+        tiny_policy_dir, tiny_tokenizer):
+    """Batches go shortest first, so a short reply is not padded to a long one's length; each
+    score is the one the conversation gets alone, at its place in the input."""
+    from rlhf_ray.data.records import Message
+    from rlhf_ray.modeling import score_conversations
+
+    reward = load_scalar_model(tiny_policy_dir, likelihood_weight=1.0).eval()
+    short, long = "Lima.", "The capital of Peru is Lima, and its currency is the sol, and it is in South America."
+    conversations = [[Message(role="user", content="Peru?"), Message(role="assistant", content=reply)]
+                     for reply in (long, short, long + " Yes.", short + " Yes.")]
+    widths: list[int] = []
+    forward = reward.forward
+    reward.forward = lambda *args, **kwargs: widths.append(kwargs["input_ids"].shape[1]) or forward(*args, **kwargs)
+    scores = score_conversations(reward, tiny_tokenizer, conversations, batch_size=2)
+    lengths = sorted(len(tiny_tokenizer.render_chat(c)[0]) for c in conversations)
+    assert widths == [lengths[1], lengths[3]]  # the two short ones together, then the two long ones
+    alone = [score_conversations(reward, tiny_tokenizer, [c])[0] for c in conversations]
+    assert scores == pytest.approx(alone, abs=1e-5)
+
+
 def test_a_reward_model_saved_with_a_likelihood_weight_loads_with_it(tmp_path, tiny_policy_dir, tiny_tokenizer):
     from rlhf_ray.modeling import LIKELIHOOD_WEIGHT, likelihood_weight_of
 
