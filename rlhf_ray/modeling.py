@@ -86,6 +86,20 @@ def model_max_len(folder: Path) -> int:
     return int(json.loads((Path(folder) / "config.json").read_text())["max_position_embeddings"])
 
 
+def inspect_policies_in_vllms_process() -> None:
+    """Has vLLM inspect the policies' architecture (LlamaForCausalLM) in this process.
+
+    Before an engine starts, vLLM asks which interfaces the model's class implements. Unless its
+    cache (VLLM_CACHE_ROOT/modelinfos) holds the answer, it asks a new Python process, which
+    imports vLLM and torch again: on a new 2-core machine the demo's first engine waited 10 s for
+    it. Registering the class itself has vLLM inspect it here, where the engine loads it anyway.
+    """
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.llama import LlamaForCausalLM as VLLMLlamaForCausalLM
+
+    ModelRegistry.register_model("LlamaForCausalLM", VLLMLlamaForCausalLM)
+
+
 def load_policy(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     check_model_folder(folder)
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)

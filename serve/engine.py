@@ -28,7 +28,7 @@ from rlhf_ray.cluster import require_cuda
 from rlhf_ray.config import KVCacheConfig
 from rlhf_ray.data.records import Message
 from rlhf_ray.memory import check_kv_fits, vllm_memory_args
-from rlhf_ray.modeling import model_max_len
+from rlhf_ray.modeling import inspect_policies_in_vllms_process, model_max_len
 from rlhf_ray.prompting import prompt_ids
 from rlhf_ray.run import serves_as
 from rlhf_ray.tokenizer import load_tokenizer
@@ -89,6 +89,7 @@ class StageEngine:
         memory = vllm_memory_args(self.folder, kv_cache or KVCacheConfig(), sequences, dtype)
         if "kv_cache_memory_bytes" in memory and not torch.cuda.is_available():
             check_kv_fits(f"serve replica of {stage!r}", int(memory["kv_cache_memory_bytes"]))
+        inspect_policies_in_vllms_process()
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=str(self.folder), dtype=dtype, max_model_len=self.max_len, enforce_eager=True,
             # JSON without free whitespace between its tokens: a small model given the choice

@@ -31,6 +31,7 @@ from vllm.inputs import TokensPrompt
 from rlhf_ray.cluster import require_cuda
 from rlhf_ray.config import KVCacheConfig
 from rlhf_ray.memory import check_kv_fits, vllm_memory_args
+from rlhf_ray.modeling import inspect_policies_in_vllms_process
 from rlhf_ray.tokenizer import load_tokenizer
 
 EXTENSION = "rlhf_ray.rl.vllm_extension.WeightSyncExtension"
@@ -70,6 +71,7 @@ class RolloutEngine:
             check_kv_fits(role, int(memory["kv_cache_memory_bytes"]))
         self.kv_cache_bytes = memory.get("kv_cache_memory_bytes")
         self.dtype = dtype  # what the weights are sent in
+        inspect_policies_in_vllms_process()
         self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, seed=seed,
                        enforce_eager=True, logprobs_mode="processed_logprobs", **memory,
                        tensor_parallel_size=tensor_parallel_size,

@@ -145,16 +145,22 @@ def test_weight_sync_drops_cached_prompt_blocks_of_the_old_weights(engine, tiny_
     engine.load_weights(original.state_dict(), version=12)
 
 
-def test_rollout_actor_generates_under_ray(engine, prompts, tiny_policy_dir):
+def test_rollout_actor_generates_under_ray_on_a_machine_new_to_vllm(engine, prompts, tiny_policy_dir,
+                                                                    tmp_path):
     # `engine` is requested only so that this test runs last and the fixture's engine is shared.
+    # A new machine: vLLM's cache is empty, so vLLM would inspect the model's class in a new
+    # Python process (and cache the answer in modelinfos/) unless the engine has it done in its own.
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(num_cpus=2, include_dashboard=False)
-    actor = RolloutActor.options(num_cpus=1).remote(tiny_policy_dir, max_model_len=512, sequences=8)
+    new_cache = tmp_path / "vllm-cache"
+    actor = RolloutActor.options(num_cpus=1, runtime_env={"env_vars": {"VLLM_CACHE_ROOT": str(new_cache)}}
+                                 ).remote(tiny_policy_dir, max_model_len=512, sequences=8)
     try:
         rollouts = ray.get(actor.generate.remote(prompts, 16, 0.0, 1.0, 0), timeout=300)
         assert [r.response_ids for r in rollouts] == _greedy(engine, prompts)
         assert all(r.weight_version == 0 for r in rollouts)
+        assert not (new_cache / "modelinfos").exists()
         ray.get(actor.shutdown.remote())
     finally:
         ray.kill(actor)
