@@ -81,12 +81,6 @@ class RoleGroup:
             raise
         return self
 
-    @classmethod
-    def start(cls, name: str, actor_class: Any, options: list[dict[str, Any]], **kwargs: Any
-              ) -> RoleGroup:
-        """`launch`, then `join`: returns once every worker is constructed and has joined the group."""
-        return cls.launch(name, actor_class, options, **kwargs).join()
-
     def rows(self, method: str, *args: Any) -> Pending:
         """Every worker runs `method` on its share of the batch; their rows, concatenated."""
         return Pending(self._call(method, *args), _concatenate)

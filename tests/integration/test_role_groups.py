@@ -52,7 +52,7 @@ def exp(tiny_tokenizer):
 
 def group(actor_class, workers: int, **kwargs) -> RoleGroup:
     options = [{"num_cpus": 0.5, "runtime_env": ACTOR_ENV}] * workers
-    return RoleGroup.start("role", actor_class, options, threads=1, **kwargs)
+    return RoleGroup.launch("role", actor_class, options, threads=1, **kwargs).join()
 
 
 def assert_same_state(got: dict, want: dict, tolerance: float = 1e-5) -> None:
